@@ -1,0 +1,312 @@
+"""System checks (``warpmesh.E…`` / ``warpmesh.W…``); the list is in docs/operations.md.
+
+Django runs an app's checks only when the app is installed, so the checks about the app *not*
+being installed (E003, W004) can fire only where this module was imported some other way; where
+it was not, the cache itself says at its first use that it caches locally only, and why.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from django.apps import apps
+from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, connections
+from django.utils.module_loading import import_string
+
+from django_warpmesh.conf import MeshSettings, parse, running_migration_command
+
+MESH_CACHE = "django_warpmesh.cache.MeshCache"
+APP = "django_warpmesh"
+
+
+@register("warpmesh")
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from django.conf import settings
+
+    try:
+        config = parse(getattr(settings, "WARPMESH", None))
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), id="warpmesh.E001", hint="See docs/configuration.md.")]
+    # `migrate` (and `check --database`) pass the databases they are about to touch: there the
+    # table may legitimately not exist yet, and `migrate` is what creates it. The other
+    # migration commands must work on a fresh project too.
+    if (
+        kwargs.get("databases") is None
+        and not running_migration_command()
+        and config.discovery_enabled
+        and apps.is_installed(APP)
+        and _peer_database_problem(config) is None
+    ):
+        return _check_peer_table(config)
+    return []
+
+
+def _check_peer_table(config: MeshSettings) -> list[CheckMessage]:
+    from django_warpmesh.discovery import database_alias
+    from django_warpmesh.models import Peer
+
+    alias = database_alias(config)
+    table = Peer._meta.db_table
+    try:
+        with connections[alias].cursor() as cursor:
+            tables = connections[alias].introspection.table_names(cursor)
+        unapplied = [] if table not in tables else _unapplied_migrations(alias)
+    except DatabaseError as exc:
+        return [
+            Warning(
+                f"Could not check for the mesh peer table on database {alias!r}: {exc}",
+                id="warpmesh.W001",
+                hint="Peers are discovered through this table; until it is reachable, this "
+                "instance only knows the peers it has already found.",
+            )
+        ]
+    hint = f"Run 'python manage.py migrate django_warpmesh --database {alias}'."
+    if table not in tables:
+        return [
+            Error(
+                f"The mesh peer table {table!r} does not exist on database {alias!r}, so "
+                "instances cannot find each other.",
+                id="warpmesh.E002",
+                hint=hint,
+            )
+        ]
+    if unapplied:
+        return [
+            Error(
+                f"Migrations of django_warpmesh not applied on database {alias!r}: "
+                f"{', '.join(unapplied)}; the peer table may not be what the nodes expect.",
+                id="warpmesh.E002",
+                hint=hint,
+            )
+        ]
+    return []
+
+
+def _unapplied_migrations(alias: str) -> list[str]:
+    from django.db.migrations.loader import MigrationLoader
+
+    loader = MigrationLoader(connections[alias], ignore_no_migrations=True)
+    plan = {
+        step for leaf in loader.graph.leaf_nodes(APP) for step in loader.graph.forwards_plan(leaf)
+    }
+    applied = loader.applied_migrations
+    return sorted(name for app, name in plan if app == APP and (app, name) not in applied)
+
+
+@register("warpmesh")
+def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """How this instance will join the mesh: peers, secret, ports. Silent when disabled."""
+    from django.conf import settings
+
+    try:
+        config = parse(getattr(settings, "WARPMESH", None))
+    except ImproperlyConfigured:
+        return []  # warpmesh.E001 says why.
+    installed = apps.is_installed(APP)
+    mesh_caches = mesh_cache_aliases()
+    if not mesh_caches:
+        if installed:
+            return [
+                Warning(
+                    f"'{APP}' is installed but no cache in CACHES uses {MESH_CACHE}, so "
+                    "nothing is kept coherent across instances.",
+                    id="warpmesh.W005",
+                    hint=f"Set 'BACKEND': '{MESH_CACHE}' for the caches to keep coherent.",
+                )
+            ]
+        return []
+    if not config.enabled:
+        return []
+    messages: list[CheckMessage] = []
+    messages += _check_peer_source(config, installed, mesh_caches)
+    messages += _check_secret(config)
+    messages += _check_prefork(config, os.environ)
+    return messages
+
+
+def mesh_cache_aliases() -> list[str]:
+    """The aliases in CACHES whose backend is MeshCache (or a subclass of it)."""
+    from django.conf import settings
+
+    aliases = []
+    for alias, options in getattr(settings, "CACHES", {}).items():
+        backend = options.get("BACKEND", "") if isinstance(options, Mapping) else ""
+        if backend == MESH_CACHE:
+            aliases.append(alias)
+            continue
+        if not isinstance(backend, str) or not backend:
+            continue
+        try:
+            backend_class = import_string(backend)
+            from django_warpmesh.cache import MeshCache
+
+            if isinstance(backend_class, type) and issubclass(backend_class, MeshCache):
+                aliases.append(alias)
+        except ImportError:
+            continue  # Django's own cache checks report a backend that does not import.
+    return aliases
+
+
+def _check_peer_source(
+    config: MeshSettings, installed: bool, mesh_caches: list[str]
+) -> list[CheckMessage]:
+    caches = ", ".join(repr(alias) for alias in mesh_caches)
+    if config.peers:
+        if installed:
+            return []
+        return [
+            Warning(
+                f"CACHES {caches} use {MESH_CACHE} but '{APP}' is not in INSTALLED_APPS.",
+                id="warpmesh.W004",
+                hint=f"Add '{APP}' to INSTALLED_APPS: the static PEERS list works without it, "
+                "but the system checks, 'manage.py mesh_status' and the admin page need it.",
+            )
+        ]
+    if not installed:
+        return [
+            Error(
+                f"CACHES {caches} use {MESH_CACHE} with the mesh enabled, but there is no way "
+                f"to find peers: WARPMESH['PEERS'] is empty and '{APP}' is not in "
+                "INSTALLED_APPS (its peer table is how instances find each other). Each "
+                "instance would cache alone and serve stale data after another one writes.",
+                id="warpmesh.E003",
+                hint=f"Add '{APP}' to INSTALLED_APPS and run 'manage.py migrate {APP}', or list "
+                "the instances in WARPMESH['PEERS'], or set WARPMESH['ENABLED'] to False.",
+            )
+        ]
+    problem = _peer_database_problem(config)
+    if problem is not None:
+        return [
+            Error(
+                f"The mesh is enabled but there is no way to find peers: {problem}.",
+                id="warpmesh.E003",
+                hint="Point WARPMESH['DATABASE'] at a configured database alias shared by every "
+                "instance, or list the instances in WARPMESH['PEERS'].",
+            )
+        ]
+    return []
+
+
+def _peer_database_problem(config: MeshSettings) -> str | None:
+    """Why the peer table's database cannot be used at all, or None."""
+    from django_warpmesh.discovery import database_alias
+
+    alias = database_alias(config)
+    if alias not in connections.settings:
+        source = "WARPMESH['DATABASE']" if config.database else "the database routers"
+        return f"{source} names the database {alias!r}, which is not in DATABASES"
+    if connections.settings[alias].get("ENGINE", "").endswith(".dummy"):
+        return f"the database {alias!r} holding the peer table is not configured (no ENGINE)"
+    return None
+
+
+def _check_secret(config: MeshSettings) -> list[CheckMessage]:
+    from django.conf import settings
+
+    if settings.DEBUG:
+        return []
+    if config.secret is not None:
+        secret, source = config.secret, "WARPMESH['SECRET']"
+    else:
+        try:
+            secret = str(settings.SECRET_KEY)
+        except ImproperlyConfigured:  # Django refuses an empty SECRET_KEY.
+            secret = ""
+        source = "SECRET_KEY (WARPMESH['SECRET'] is not set)"
+    if secret and not secret.startswith("django-insecure-"):
+        return []
+    return [
+        Warning(
+            f"The mesh frames are signed with a key derived from {source}, which is "
+            f"{'empty' if not secret else 'the insecure development key'}, and DEBUG is False. "
+            "Anyone who knows it can forge invalidations and read the mesh statistics.",
+            id="warpmesh.W002",
+            hint="Set a long random WARPMESH['SECRET'] (or WARPMESH_SECRET), the same on "
+            "every instance, or a production SECRET_KEY.",
+        )
+    ]
+
+
+def _check_prefork(config: MeshSettings, environ: Mapping[str, str]) -> list[CheckMessage]:
+    if config.port == 0 or config.port_range > 1:
+        return []
+    server = prefork_server(environ)
+    if server is None:
+        return []
+    return [
+        Warning(
+            f"WARPMESH['PORT'] is fixed ({config.port}) with PORT_RANGE 1, but a pre-fork "
+            f"server may run several workers here ({server}). Each worker is its own mesh "
+            "node with its own port: all but the first would fail to bind and cache alone, "
+            "serving stale data.",
+            id="warpmesh.W003",
+            hint="Leave PORT_RANGE at its default (64) so each worker takes the next free "
+            "port, or set PORT to 0.",
+        )
+    ]
+
+
+def prefork_server(environ: Mapping[str, str]) -> str | None:
+    """What says a pre-fork server (gunicorn, uWSGI) may run several workers here, or None."""
+    for name in ("WEB_CONCURRENCY", "UWSGI_PROCESSES", "UWSGI_WORKERS"):
+        count = _as_int(environ.get(name))
+        if count is not None and count > 1:
+            return f"{name}={count}"
+    gunicorn_args = environ.get("GUNICORN_CMD_ARGS")
+    if gunicorn_args is not None:
+        workers = _gunicorn_workers(gunicorn_args)
+        if workers is None or workers > 1:
+            return f"GUNICORN_CMD_ARGS={gunicorn_args!r}"
+    software = environ.get("SERVER_SOFTWARE", "")
+    if software.lower().startswith(("gunicorn", "uwsgi")):
+        return f"SERVER_SOFTWARE={software!r}"
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is not None and (getattr(uwsgi, "numproc", 2) or 2) > 1:
+        return "running under uWSGI"
+    return None
+
+
+def _gunicorn_workers(args: str) -> int | None:
+    try:
+        words = shlex.split(args)
+    except ValueError:
+        return None
+    for index, word in enumerate(words):
+        if word in {"-w", "--workers"} and index + 1 < len(words):
+            return _as_int(words[index + 1])
+        for prefix in ("--workers=", "-w"):
+            if word.startswith(prefix) and len(word) > len(prefix):
+                return _as_int(word[len(prefix) :])
+    return None
+
+
+def _as_int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@register("warpmesh")
+def check_dashboard(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from django.conf import settings
+
+    from django_warpmesh.views import PERMISSION_SETTING, resolve_permission
+
+    try:
+        resolve_permission(getattr(settings, PERMISSION_SETTING, None))
+    except ImproperlyConfigured as exc:
+        return [
+            Error(
+                str(exc),
+                id="warpmesh.E004",
+                hint="See 'The dashboard' in docs/operations.md.",
+            )
+        ]
+    return []

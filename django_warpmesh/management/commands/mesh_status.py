@@ -1,0 +1,648 @@
+"""``manage.py mesh_status``: the health of the whole mesh, as its peers see it.
+
+The command runs an *observer* node: it dials every peer (from the peer table, or ``PEERS``),
+asks each for its stats over the mesh (signed STATS_REQUEST / STATS_REPLY frames), and prints
+them with a verdict. An observer never registers in the peer table, never appears in a peer's
+list, never sends an invalidation and never causes a flush.
+
+Exit status, usable as a probe: 0 healthy, 1 degraded, 2 disabled or misconfigured (including bad
+arguments). Output keys (``--json``) are documented in docs/operations.md and kept stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import logging
+import math
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections
+
+from django_warpmesh import node as mesh_node
+from django_warpmesh.conf import MeshSettings, parse, parse_address
+
+SCHEMA = 1
+HEALTHY, DEGRADED, DISABLED = 0, 1, 2
+EXIT_CODES = {"healthy": HEALTHY, "degraded": DEGRADED, "disabled": DISABLED}
+EXIT_CODES["misconfigured"] = DISABLED
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_WATCH = 2.0
+# While some peer has not answered, ask again this often (a request can be lost like any frame).
+RETRY_EVERY = 0.5
+
+
+class Unavailable(Exception):
+    """The mesh cannot be observed: disabled or misconfigured. Reported, not raised."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Target:
+    """A peer of the mesh, as the peer table (or PEERS) names it."""
+
+    address: str
+    node_id: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    started_at: datetime | None = None
+    last_seen: datetime | None = None
+    stale: bool = False
+
+
+@dataclass
+class Reply:
+    stats: dict[str, Any]
+    rtt: float
+    at: datetime
+    dialed_as: str = ""  # the address the observer dialled it by (PEERS, the table)
+
+    @property
+    def addresses(self) -> set[str]:
+        return {str(self.stats.get("address") or ""), self.dialed_as} - {""}
+
+
+@dataclass
+class Census:
+    """What one round found: the peers named, the replies, and when."""
+
+    discovery: str
+    targets: list[Target]
+    replies: dict[str, Reply] = field(default_factory=dict)  # by node id (hex)
+    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a bad value is a usage error (exit status 2; CommandError from code)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number of seconds, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class Command(BaseCommand):
+    help = (
+        "Show the health of the whole mesh: every peer's connections, latency and counters, "
+        "asked over the mesh by an observer that never joins it. Exit status: 0 healthy, "
+        "1 degraded, 2 disabled or misconfigured."
+    )
+    # The command reports a missing peer table or a bad setting itself, with exit status 2;
+    # the system checks would stop it first with another status.
+    requires_system_checks: list[str] = []
+    requires_migrations_checks = False
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="Machine-readable output (keys documented in docs/operations.md). With "
+            "--watch, one JSON document per line.",
+        )
+        parser.add_argument(
+            "--watch",
+            nargs="?",
+            const=DEFAULT_WATCH,
+            default=None,
+            type=_positive_seconds,
+            metavar="SECONDS",
+            help=f"Report again every SECONDS (default {DEFAULT_WATCH:g}) until interrupted.",
+        )
+        parser.add_argument(
+            "--count",
+            type=_positive_int,
+            default=None,
+            help="With --watch: stop after this many reports.",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=_positive_seconds,
+            default=DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help="How long to wait for the peers to answer "
+            f"(default {DEFAULT_TIMEOUT:g}). A peer that has not answered by then is shown as "
+            "not answering.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["count"] is not None and options["watch"] is None:
+            raise CommandError("--count only makes sense with --watch.", returncode=2)
+        if options["verbosity"] < 2:
+            # The observer's own node would log "connected to ..." for every peer it dials.
+            logging.getLogger("django_warpmesh").setLevel(logging.WARNING)
+        observer = Observer()
+        code = DISABLED
+        rounds = 0
+        try:
+            while True:
+                report = observer.report(options["timeout"])
+                code = report["exit_code"]
+                self._print(report, options)
+                rounds += 1
+                if options["watch"] is None or rounds == options["count"]:
+                    break
+                time.sleep(options["watch"])
+        except KeyboardInterrupt:
+            if not rounds:
+                raise
+        finally:
+            observer.close()
+        if code:
+            sys.exit(code)
+
+    def _print(self, report: dict[str, Any], options: dict[str, Any]) -> None:
+        if options["json"]:
+            indent = None if options["watch"] is not None else 2
+            self.stdout.write(json.dumps(report, indent=indent, sort_keys=False))
+            self.stdout.flush()
+            return
+        if options["watch"] is not None and self.stdout.isatty():
+            self.stdout.write("\x1b[H\x1b[2J", ending="")
+        for line in render_table(report):
+            self.stdout.write(line)
+        style = {
+            "healthy": self.style.SUCCESS,
+            "degraded": self.style.WARNING,
+        }.get(report["status"], self.style.ERROR)
+        self.stdout.write(style(report["verdict"]))
+        if options["watch"] is not None:
+            self.stdout.write("")
+        self.stdout.flush()
+
+
+class Observer:
+    """The observer node (started on first need, kept across --watch rounds) and its rounds."""
+
+    def __init__(self) -> None:
+        self.node: mesh_node.MeshNode | None = None
+        self._ids = itertools.count(random.randrange(1 << 30))
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.stop(timeout=1.0)
+            self.node = None
+
+    def report(self, timeout: float) -> dict[str, Any]:
+        try:
+            config = _settings()
+            census = find_targets(config)
+            node = self._node(config)
+        except Unavailable as exc:
+            return unavailable_report(exc, timeout)
+        node.set_peer_addresses([target.address for target in census.targets])
+        self._collect(node, census, timeout)
+        return build_report(census, timeout)
+
+    def _node(self, config: MeshSettings) -> mesh_node.MeshNode:
+        if self.node is not None:
+            return self.node
+        from django_warpmesh.mesh import build_node
+
+        node = build_node(observer=True)
+        if not isinstance(node, mesh_node.MeshNode):
+            raise Unavailable("misconfigured", f"misconfigured: {node.reason}")
+        try:
+            node.start()
+        except Exception as exc:
+            node.stop(timeout=0.5)
+            raise Unavailable("misconfigured", f"misconfigured: cannot open the mesh: {exc}")
+        self.node = node
+        return node
+
+    def _collect(self, node: mesh_node.MeshNode, census: Census, timeout: float) -> None:
+        """Ask every connected peer for its stats until all targets answered or time is up."""
+        wanted = {target.address for target in census.targets}
+        replies = census.replies
+        asked_at: dict[int, float] = {}
+        lock = threading.Lock()
+        changed = threading.Event()
+
+        def on_reply(node_id: bytes, stats: dict[str, Any], *, request_id: int) -> None:
+            with lock:
+                if node_id.hex() not in replies and isinstance(stats, dict):
+                    replies[node_id.hex()] = Reply(
+                        stats,
+                        time.monotonic() - asked_at[request_id],
+                        datetime.now(timezone.utc),
+                    )
+            changed.set()
+
+        deadline = time.monotonic() + timeout
+        asked: set[bytes] = set()
+        last_ask = -math.inf
+        request_ids: list[int] = []
+        try:
+            while True:
+                peers = node.peers()
+                with lock:
+                    _note_dialed(peers, replies)
+                    answered = {a for reply in replies.values() for a in reply.addresses}
+                    answered_ids = set(replies)
+                if wanted <= answered:
+                    break
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                alive = {peer.node_id for peer in peers if peer.alive}
+                waiting = {node_id for node_id in alive if node_id.hex() not in answered_ids}
+                if waiting - asked or (waiting and now - last_ask >= RETRY_EVERY):
+                    request_id = next(self._ids) & 0x7FFFFFFF
+                    request_ids.append(request_id)
+                    asked_at[request_id] = now
+                    node.request_stats(
+                        request_id, functools.partial(on_reply, request_id=request_id)
+                    )
+                    asked |= waiting
+                    last_ask = now
+                changed.wait(min(0.02, max(0.0, deadline - now)))
+                changed.clear()
+        finally:
+            for request_id in request_ids:
+                node._stats_waiters.pop(request_id, None)
+            with lock:
+                _note_dialed(node.peers(), replies)
+
+
+def _note_dialed(peers: list[mesh_node.Peer], replies: dict[str, Reply]) -> None:
+    """Remember which address the observer dialled each answering peer by."""
+    for peer in peers:
+        reply = replies.get(peer.hex_id)
+        if reply is not None and not reply.dialed_as:
+            reply.dialed_as = getattr(peer, "dialed_as", "") or ""
+
+
+def _settings() -> MeshSettings:
+    from django.conf import settings
+
+    try:
+        config = parse(getattr(settings, "WARPMESH", None))
+    except ImproperlyConfigured as exc:
+        raise Unavailable("misconfigured", f"misconfigured: {exc}")
+    if not config.enabled:
+        raise Unavailable("disabled", "disabled: WARPMESH['ENABLED'] is false")
+    return config
+
+
+def find_targets(config: MeshSettings) -> Census:
+    """The peers of the mesh: the static PEERS list, or the rows of the peer table."""
+    if config.peers:
+        targets = [Target(address) for address in sorted(config.peers)]
+        return Census(f"static PEERS ({len(config.peers)})", targets)
+    from django.apps import apps
+
+    if not apps.is_installed("django_warpmesh"):
+        raise Unavailable(
+            "misconfigured",
+            "misconfigured: no WARPMESH['PEERS'] and 'django_warpmesh' is not in "
+            "INSTALLED_APPS, so there is no way to find peers",
+        )
+    from django.db.models.functions import Now
+
+    from django_warpmesh.discovery import database_alias
+    from django_warpmesh.models import Peer
+
+    alias = database_alias(config)
+    if alias not in connections.settings:
+        raise Unavailable(
+            "misconfigured",
+            f"misconfigured: the peer table's database {alias!r} is not in DATABASES",
+        )
+    try:
+        rows = list(
+            Peer.objects.using(alias)
+            .annotate(db_now=Now())
+            .order_by("-last_seen")
+            .values("node_id", "address", "host", "pid", "started_at", "last_seen", "db_now")
+        )
+    except DatabaseError as exc:
+        raise Unavailable("misconfigured", _table_problem(alias, exc))
+    finally:
+        # A --watch must not hold a database connection between rounds.
+        connections[alias].close()
+    census = Census(f"database discovery ({alias})", [])
+    seen: set[str] = set()
+    for row in rows:
+        address = row["address"]
+        try:
+            parse_address("peer table", address)
+        except ImproperlyConfigured:
+            continue  # The nodes skip it too (and log it).
+        if address in seen:
+            continue  # An older row claiming the same address: the nodes use the newest.
+        seen.add(address)
+        db_now = _aware(row["db_now"]) or census.now
+        last_seen = _aware(row["last_seen"])
+        census.targets.append(
+            Target(
+                address=address,
+                node_id=row["node_id"],
+                host=row["host"],
+                pid=row["pid"],
+                started_at=_aware(row["started_at"]),
+                last_seen=last_seen,
+                stale=last_seen is not None
+                and db_now - last_seen > timedelta(seconds=config.stale_after),
+            )
+        )
+        census.now = db_now
+    census.targets.sort(key=lambda target: target.address)
+    return census
+
+
+def _table_problem(alias: str, exc: DatabaseError) -> str:
+    from django_warpmesh.models import Peer
+
+    table = Peer._meta.db_table
+    try:
+        missing = table not in connections[alias].introspection.table_names()
+    except DatabaseError:
+        missing = False
+    finally:
+        connections[alias].close()
+    if missing:
+        return (
+            f"misconfigured: the peer table {table!r} does not exist on database {alias!r}: "
+            f"run 'manage.py migrate django_warpmesh --database {alias}'"
+        )
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"misconfigured: cannot read the peer table on database {alias!r}: {first_line}"
+
+
+def _aware(value: Any) -> datetime | None:
+    if isinstance(value, str):  # SQLite may hand back Now() as text
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _seconds(delta: timedelta | None) -> float | None:
+    return round(max(delta.total_seconds(), 0.0), 3) if delta is not None else None
+
+
+def unavailable_report(exc: Unavailable, timeout: float) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "status": exc.status,
+        "exit_code": EXIT_CODES[exc.status],
+        "verdict": exc.message,
+        "checked_at": _iso(datetime.now(timezone.utc)),
+        "discovery": None,
+        "timeout_s": timeout,
+        "problems": [],
+        "peers": [],
+    }
+
+
+def build_report(census: Census, timeout: float) -> dict[str, Any]:
+    targets = census.targets
+    by_id = {target.node_id: target for target in targets if target.node_id}
+    by_address = {target.address: target for target in targets}
+    matched: dict[str, Reply] = {}  # target address -> its reply
+    for node_id, answer in census.replies.items():
+        target = by_id.get(node_id) or next(
+            (by_address[a] for a in sorted(answer.addresses) if a in by_address), None
+        )
+        if target is not None and target.address not in matched:
+            matched[target.address] = answer
+    # Each peer by every name it may appear under in another's view: id, address, dialled as.
+    names = {
+        target.address: {target.address, target.node_id}
+        | (
+            {str(matched[target.address].stats.get("node_id"))} | matched[target.address].addresses
+            if target.address in matched
+            else set()
+        )
+        for target in targets
+    }
+    peers: list[dict[str, Any]] = []
+    problems: list[dict[str, Any]] = []
+    for target in targets:
+        reply = matched.get(target.address)
+        others = {address: names[address] for address in names if address != target.address}
+        peers.append(_peer_entry(target, reply, others, census.now))
+    for entry in peers:
+        if not entry["answering"]:
+            problems.append({"kind": "not_answering", "peer": entry["address"], "id": entry["id"]})
+    for entry in peers:
+        if entry["answering"] and entry["cannot_reach"]:
+            problems.append(
+                {
+                    "kind": "cannot_reach",
+                    "peer": entry["address"],
+                    "id": entry["id"],
+                    "unreachable": entry["cannot_reach"],
+                }
+            )
+    if not targets:
+        where = "the peer table is empty" if census.discovery.startswith("database") else ""
+        problems.append({"kind": "no_peers"})
+        verdict = "degraded: no peers" + (
+            f" ({where}; a node joins on its first cache write)" if where else ""
+        )
+    elif problems:
+        verdict = "degraded: " + "; ".join(_describe(problem) for problem in problems)
+    else:
+        verdict = f"healthy: {len(targets)} peer(s), all answering" + (
+            ", all connected to each other" if len(targets) > 1 else ""
+        )
+    status = "degraded" if problems else "healthy"
+    return {
+        "schema": SCHEMA,
+        "status": status,
+        "exit_code": EXIT_CODES[status],
+        "verdict": verdict,
+        "checked_at": _iso(census.now),
+        "discovery": census.discovery,
+        "timeout_s": timeout,
+        "problems": problems,
+        "peers": peers,
+    }
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    label = _label(problem["peer"], problem.get("id"))
+    if problem["kind"] == "not_answering":
+        return f"{label} not answering"
+    return f"{label} cannot reach {', '.join(problem['unreachable'])}"
+
+
+def _label(address: str, node_id: str | None) -> str:
+    return f"{address} ({node_id[:8]})" if node_id else address
+
+
+def _peer_entry(
+    target: Target, reply: Reply | None, others: dict[str, set[str | None]], now: datetime
+) -> dict[str, Any]:
+    """One peer's line; ``others``: every other peer's address, with the names it goes by."""
+    stats = reply.stats if reply is not None else None
+    started_at = target.started_at
+    if started_at is None and stats is not None and isinstance(stats.get("started_at"), float):
+        started_at = datetime.fromtimestamp(stats["started_at"], tz=timezone.utc)
+    last_seen = target.last_seen or (reply.at if reply is not None else None)
+    entry: dict[str, Any] = {
+        "id": target.node_id or (stats.get("node_id") if stats else None),
+        "address": target.address,
+        "host": target.host or (stats.get("host") if stats else None),
+        "pid": target.pid or (stats.get("pid") if stats else None),
+        "started_at": _iso(started_at),
+        "age_s": _seconds(now - started_at) if started_at is not None else None,
+        "last_seen": _iso(last_seen),
+        "last_seen_s": _seconds(now - last_seen) if last_seen is not None else None,
+        "stale": target.stale,
+        "answering": stats is not None,
+        "ready": None,
+        "degraded": None,
+        "connected": None,
+        "expected": len(others),
+        "cannot_reach": None,
+        "latency_ms": None,
+        "invalidations_sent": None,
+        "invalidations_received": None,
+        "gaps_detected": None,
+        "frames_rejected": None,
+        "stats": stats,
+    }
+    if stats is None or reply is None:
+        return entry
+    connected = {
+        row.get(key)
+        for row in stats.get("peers") or []
+        if isinstance(row, dict) and row.get("connected")
+        for key in ("id", "address", "dialed_as")
+    } - {None, ""}
+    reached = [address for address, aliases in others.items() if aliases & connected]
+    entry.update(
+        ready=stats.get("ready"),
+        degraded=stats.get("degraded"),
+        connected=len(reached),
+        cannot_reach=[address for address in others if address not in reached],
+        latency_ms=round(reply.rtt / 2 * 1000, 3),
+        invalidations_sent=stats.get("invalidations_sent"),
+        invalidations_received=stats.get("invalidations_received"),
+        gaps_detected=stats.get("gaps_detected"),
+        frames_rejected=stats.get("frames_rejected"),
+    )
+    return entry
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+COLUMNS = (
+    "PEER",
+    "ADDRESS",
+    "HOST/PID",
+    "AGE",
+    "CONNECTED",
+    "LATENCY",
+    "INV SENT",
+    "INV RECV",
+    "GAPS",
+    "REJECTED",
+    "LAST SEEN",
+)
+
+
+def render_table(report: dict[str, Any]) -> list[str]:
+    if report["discovery"] is None:
+        return []
+    peers = report["peers"]
+    checked = str(report["checked_at"])[:19].replace("T", " ")
+    header = f"Mesh: {len(peers)} peer(s), {report['discovery']}, checked {checked} UTC"
+    if not peers:
+        return [header]
+    rows = [COLUMNS]
+    for peer in peers:
+        host_pid = (
+            f"{peer['host'] or '?'}/{peer['pid'] or '?'}" if peer["host"] or peer["pid"] else "-"
+        )
+        if peer["answering"]:
+            connected = f"{peer['connected']} of {peer['expected']}"
+            numbers = [
+                f"{peer['latency_ms']:.3f} ms",
+                str(peer["invalidations_sent"]),
+                str(peer["invalidations_received"]),
+                str(peer["gaps_detected"]),
+                str(peer["frames_rejected"]),
+            ]
+        else:
+            connected = "not answering"
+            numbers = ["-"] * 5
+        last_seen = _duration(peer["last_seen_s"])
+        rows.append(
+            (
+                (peer["id"] or "-")[:16],
+                peer["address"],
+                host_pid,
+                _duration(peer["age_s"]),
+                connected,
+                *numbers,
+                f"{last_seen} ago{' (stale)' if peer['stale'] else ''}"
+                if peer["last_seen_s"] is not None
+                else "never",
+            )
+        )
+    widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS))]
+    numeric = {5, 6, 7, 8, 9}
+    lines = [header, ""]
+    for row in rows:
+        cells = [
+            value.rjust(widths[index])
+            if index in numeric and row is not rows[0]
+            else value.ljust(widths[index])
+            for index, value in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    return lines
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

@@ -1,0 +1,1130 @@
+"""The mesh node: one per process, one nng ``Bus0`` socket, three threads.
+
+* ``publish()`` (request threads) appends to a bounded in-memory queue; it never blocks.
+* The **sender** thread drains the queue, coalesces, numbers and sends INVALIDATE frames, and
+  sends heartbeats, goodbyes and stats replies. It is the only thread that sends on the socket.
+* The **receiver** thread verifies frames, drops duplicates and replays, detects sequence gaps
+  (flushing the caches they may have made stale), and applies invalidations in bulk.
+* The **maintenance** thread runs peer discovery (database or static list); it may block on the
+  database, which is why it is alone.
+
+Nothing here knows Django's cache: caches register a :class:`Store` per cache name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import pynng
+
+from django_warpmesh import protocol
+from django_warpmesh.conf import MeshSettings, format_address, parse_address
+from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
+from django_warpmesh.tls import TLSTransport
+
+logger = logging.getLogger("django_warpmesh")
+
+# How long a sequence number may stay missing before we call it lost. Frames of one origin can
+# arrive out of order when two pipes join the same pair of nodes (both dialled each other).
+GAP_GRACE = 0.05
+# A peer heard from within this many heartbeats counts as alive.
+LIVENESS_HEARTBEATS = 3
+# Receiver: how many frames to take off the socket before applying them in one go.
+RECV_BATCH = 512
+# Missing seqs tracked per peer before a gap is declared at once instead of waited on.
+MAX_MISSING = 4096
+# The receiver's tick (gap grace, liveness, readiness): how long it waits for a frame before
+# checking anyway, while something is pending and while idle.
+TICK_FAST_MS = 50
+TICK_IDLE_MS = 250
+# Tags of recently accepted frames remembered, to drop the copy from the second pipe cheaply.
+RECENT_TAGS = 8192
+# Peers (alive or remembered for their sequence numbers) kept at most.
+MAX_PEERS = 4096
+# Largest body of one frame the sender builds (less when MAX_FRAME_BYTES is smaller): small
+# frames keep one slow peer's share of the socket buffer small.
+FRAME_BODY_BUDGET = 256 * 1024
+# Entry lifetime cap of a process whose mesh could not even be configured.
+FALLBACK_TIMEOUT = 5.0
+# Repeated events (rejected frames, gaps): at most one log line per kind per this many seconds.
+LOG_EVERY = 60.0
+
+
+class Store(Protocol):
+    """A cache's storage as the node sees it. Implemented by :mod:`django_warpmesh.cache`."""
+
+    def apply(self, ops: Sequence[Op]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class PeerRegistry(Protocol):
+    """Where peer addresses come from: the database table, or the static ``PEERS`` list."""
+
+    description: str
+
+    def initial(self) -> list[str] | None:
+        """Addresses known without waiting (a static list), or None."""
+
+    def sync(self, node: MeshNode) -> Iterable[str] | None:
+        """Announce ourselves and return the addresses to connect to (None: keep the current)."""
+
+    def leave(self, node: MeshNode) -> None: ...
+
+
+@dataclasses.dataclass
+class Peer:
+    node_id: bytes
+    epoch: int = 0
+    address: str = ""
+    # The address we dialled it by, when that differs from the one it advertises (a proxy,
+    # NAT, a DNS name): what PEERS or the peer table call it.
+    dialed_as: str = ""
+    highest: int | None = None
+    missing: dict[int, float] = dataclasses.field(default_factory=dict)
+    pipes: set[int] = dataclasses.field(default_factory=set)
+    last_heard: float = 0.0
+    heard_ns: int = 0  # the sent_ns of its last heartbeat, echoed back to measure the RTT
+    heard_at_ns: int = 0
+    latency_ms: float | None = None
+    alive: bool = False
+    observer: bool = False
+    invalidations_received: int = 0
+    gaps_detected: int = 0
+    remote_stats: dict[str, Any] | None = None
+    # "connected" not logged yet since it came alive: waits a few heartbeats for the latency.
+    announce: bool = False
+    announce_heartbeats: int = 0
+
+    @property
+    def hex_id(self) -> str:
+        return self.node_id.hex()
+
+
+@dataclasses.dataclass
+class Counters:
+    invalidations_sent: int = 0
+    invalidations_received: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+    keys_sent: int = 0
+    keys_received: int = 0
+    gaps_detected: int = 0
+    flushes: int = 0
+    peers_lost: int = 0
+    duplicates: int = 0
+    queue_overflows: int = 0
+    send_errors: int = 0
+    frames_rejected: int = 0
+    rejected_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
+
+
+class NullNode:
+    """The node of a process that caches alone: mesh disabled, unavailable, or unusable."""
+
+    enabled = False
+    ready = True
+    max_timeout: float | None = None
+
+    def __init__(self, reason: str, max_timeout: float | None = None) -> None:
+        self.reason = reason
+        self.max_timeout = max_timeout
+        self.pid = os.getpid()
+
+    def register_store(self, name: str, store: Store) -> None:
+        pass
+
+    def store_names(self) -> list[str]:
+        return []
+
+    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "enabled": False,
+            "reason": self.reason,
+            "node_id": None,
+            "peer_id": None,
+            "address": None,
+            "ready": True,
+            "degraded": self.max_timeout is not None,
+            "peers": [],
+            **dict.fromkeys(_COUNTER_NAMES, 0),
+            "rejected_by_reason": {},
+        }
+
+    def stop(self) -> None:
+        pass
+
+
+_COUNTER_NAMES = tuple(
+    field.name for field in dataclasses.fields(Counters) if field.name != "rejected_by_reason"
+)
+
+
+class MeshNode:
+    enabled = True
+
+    def __init__(
+        self,
+        config: MeshSettings,
+        key: bytes,
+        registry: PeerRegistry,
+        *,
+        observer: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.observer = observer
+        self.node_id = os.urandom(protocol.NODE_ID_SIZE)
+        self.epoch = time.time_ns() // 1_000_000
+        self.pid = os.getpid()
+        self.started_at = time.time()
+        self.codec = protocol.Codec(key, max_frame_bytes=config.max_frame_bytes)
+        self.counters = Counters()
+        self.address = ""
+        self.max_timeout: float | None = None
+        self.ready = False
+        self._clock = clock
+        self._stores: dict[str, Store] = {}
+        self._lock = threading.Lock()  # guards the queue, peers and pipes; never held over nng
+        self._queue: list[tuple[str, OpCode, Any]] = []
+        self._overflowed: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._seq = 0
+        self._peers: dict[bytes, Peer] = {}
+        self._pipe_owner: dict[int, bytes] = {}
+        self._live_pipes: set[int] = set()
+        self._self_pipes: set[int] = set()
+        self._dialers: dict[str, Any] = {}
+        self._expected: set[str] | None = None  # addresses we know of; None: not known yet
+        self._ready_deadline = 0.0
+        self._heartbeat_now = threading.Event()
+        self._outbox: list[tuple[Kind, Any]] = []
+        self._stats_waiters: dict[int, Callable[[bytes, dict[str, Any]], None]] = {}
+        self._threads: list[threading.Thread] = []
+        self._logged_once: set[str] = set()
+        self._recent_tags: OrderedDict[bytes, bytes] = OrderedDict()
+        self._log_limits: dict[str, _Limited] = {}
+        self._socket: Any = None
+        self._tls: TLSTransport | None = None  # WARPMESH['TLS']: tls+tcp:// endpoints
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    @property
+    def hex_id(self) -> str:
+        return self.node_id.hex()
+
+    def start(self) -> None:
+        config = self.config
+        if config.tls is not None:
+            self._tls = TLSTransport(config.tls)  # reads the PEM files; raises before any socket
+        self._socket = pynng.Bus0(
+            recv_buffer_size=config.buffer_size,
+            send_buffer_size=config.buffer_size,
+            recv_max_size=config.max_frame_bytes,
+            reconnect_time_min=50,
+            reconnect_time_max=1000,
+        )
+        self._socket.recv_timeout = TICK_FAST_MS
+        self._socket.add_post_pipe_connect_cb(self._on_pipe_connect)
+        self._socket.add_post_pipe_remove_cb(self._on_pipe_remove)
+        if not self.observer:
+            port = self._listen()
+            self.address = _advertised_address(config, port)
+        self._ready_deadline = self._clock() + config.effective_startup_wait
+        initial = self.registry.initial()
+        if initial is not None:
+            self.set_peer_addresses(initial)
+        self._threads = [
+            threading.Thread(target=self._run_sender, name="warpmesh-sender", daemon=True),
+            threading.Thread(target=self._run_receiver, name="warpmesh-receiver", daemon=True),
+            threading.Thread(target=self._run_maintenance, name="warpmesh-discovery", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        if not self.observer:
+            logger.info(
+                "mesh: enabled — peer id %s at %s (%s)",
+                self.hex_id,
+                self.address,
+                self.registry.description,
+            )
+
+    def _listen(self) -> int:
+        config = self.config
+        scheme = "tcp" if self._tls is None else self._tls.scheme
+        ports = [0] if config.port == 0 else range(config.port, config.port + config.port_range)
+        last_error: Exception | None = None
+        for port in ports:
+            url = f"{scheme}://{format_address(config.bind, port)}"
+            try:
+                listener = (
+                    self._socket.listen(url)
+                    if self._tls is None
+                    else self._tls.listen(self._socket, url)
+                )
+            except pynng.AddressInUse as exc:
+                last_error = exc
+                continue
+            return int(str(listener.local_address).rsplit(":", 1)[1])
+        raise OSError(
+            f"no free mesh port in {config.port}..{config.port + config.port_range - 1} "
+            f"on {config.bind} ({last_error}); raise WARPMESH['PORT_RANGE'] or set PORT to 0"
+        )
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Say goodbye, stop the threads, close the socket. Idempotent, bounded in time."""
+        if self._stop.is_set():
+            return
+        if self._socket is not None and not self.observer:
+            with self._lock:
+                self._outbox.append((Kind.BYE, None))
+            self._wake.set()
+            # The sender sends what is queued, then the goodbye, then exits.
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        current = threading.current_thread()
+        sender, receiver, maintenance = self._threads or (None, None, None)
+        # The goodbye goes out first; the maintenance thread must be done with the peer table
+        # before our row is deleted, or its next upsert would bring the row back.
+        for thread in (sender, maintenance):
+            if thread is not None and thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            self.registry.leave(self)
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                self._socket.close()
+        if receiver is not None and receiver is not current:
+            receiver.join(max(0.0, deadline - time.monotonic()))
+
+    # -- the API caches use ---------------------------------------------------------------------
+
+    def register_store(self, name: str, store: Store) -> None:
+        with self._lock:
+            self._stores[name] = store
+
+    def store_names(self) -> list[str]:
+        with self._lock:
+            return list(self._stores)
+
+    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
+        """Queue one invalidation. Never blocks on the network, never raises."""
+        with self._lock:
+            queue = self._queue
+            if len(queue) >= self.config.queue_size:
+                self._overflowed.add(alias)
+                self.counters.queue_overflows += 1
+                return
+            queue.append((alias, code, arg))
+            if len(queue) == 1:
+                self._wake.set()
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def set_peer_addresses(self, addresses: Iterable[str]) -> None:
+        """Dial addresses we are not dialling yet; hang up on those no longer listed."""
+        wanted = {address for address in addresses if address != self.address}
+        with self._lock:
+            first = self._expected is None
+            self._expected = wanted
+            current = dict(self._dialers)
+        for address in wanted - current.keys():
+            self._dial(address)
+        for address in current.keys() - wanted:
+            dialer = self._dialers.pop(address, None)
+            if dialer is not None:
+                with contextlib.suppress(Exception):
+                    dialer.close()
+        if first:
+            # The start-up window now lasts until those peers answer or the wait runs out.
+            self._ready_deadline = self._clock() + self.config.effective_startup_wait
+        self._check_ready()
+
+    def _dial(self, address: str) -> None:
+        scheme = "tcp" if self._tls is None else self._tls.scheme
+        try:
+            host, port = parse_address("PEERS", address)
+            url = f"{scheme}://{format_address(host, port)}"
+            self._dialers[address] = (
+                self._socket.dial(url, block=False)
+                if self._tls is None
+                else self._tls.dial(self._socket, url, host)
+            )
+        except Exception as exc:
+            self._log_once(f"dial:{address}", "mesh: cannot dial %s: %s", address, exc)
+
+    def _dialed_address(self, pipe: Any) -> str:
+        """The address we dialled to open ``pipe`` ("" for a pipe a peer opened to us)."""
+        try:
+            dialer = pipe.dialer
+        except Exception:
+            return ""
+        if dialer is None:
+            return ""
+        for address, candidate in self._dialers.items():
+            if candidate is dialer or getattr(candidate, "id", None) == getattr(dialer, "id", -1):
+                return address
+        return ""
+
+    def _on_pipe_connect(self, pipe: Any) -> None:
+        # Runs on an nng thread holding nng's lock: touch only our own state.
+        with self._lock:
+            self._live_pipes.add(pipe.id)
+        self._heartbeat_now.set()
+        self._wake.set()
+
+    def _on_pipe_remove(self, pipe: Any) -> None:
+        with self._lock:
+            self._live_pipes.discard(pipe.id)
+            self._self_pipes.discard(pipe.id)
+            owner = self._pipe_owner.pop(pipe.id, None)
+            if owner is not None and owner in self._peers:
+                self._peers[owner].pipes.discard(pipe.id)
+
+    def _check_ready(self) -> None:
+        if self.ready:
+            return
+        with self._lock:
+            expected = self._expected
+            heard = {a for p in self._peers.values() if p.alive for a in (p.address, p.dialed_as)}
+        timed_out = self._clock() >= self._ready_deadline
+        if expected is None:
+            if timed_out:
+                self._become_ready("peer list not known yet after the start-up wait")
+            return
+        missing = expected - heard
+        if not missing:
+            self._become_ready("")
+        elif timed_out:
+            self._become_ready(f"{len(missing)} known peer(s) did not answer")
+
+    def _become_ready(self, why: str) -> None:
+        self.ready = True
+        if why:
+            logger.info("mesh: caching enabled after the start-up wait (%s)", why)
+
+    # -- sender -------------------------------------------------------------------------------
+
+    def _run_sender(self) -> None:
+        next_heartbeat = 0.0
+        while True:
+            now = self._clock()
+            timeout = max(0.0, next_heartbeat - now)
+            self._wake.wait(timeout)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            try:
+                self._send_pending()
+                now = self._clock()
+                if not stopping and (now >= next_heartbeat or self._heartbeat_now.is_set()):
+                    self._heartbeat_now.clear()
+                    self._send_heartbeat()
+                    next_heartbeat = now + self.config.heartbeat
+            except Exception:
+                # Never let the sender die: a dead sender would leave every peer stale.
+                logger.exception("mesh: sender error (continuing)")
+            if stopping:
+                return
+
+    def _take_pending(self) -> tuple[list[tuple[str, OpCode, Any]], set[str], list[Any]]:
+        with self._lock:
+            queue, self._queue = self._queue, []
+            overflowed, self._overflowed = self._overflowed, set()
+            outbox, self._outbox = self._outbox, []
+        return queue, overflowed, outbox
+
+    def _send_pending(self) -> None:
+        queue, overflowed, outbox = self._take_pending()
+        if queue or overflowed:
+            ops = coalesce(queue, overflowed)
+            budget = min(FRAME_BODY_BUDGET, self.config.max_frame_bytes - protocol.FRAME_OVERHEAD)
+            for chunk in protocol.split_ops(ops, budget):
+                self._send_invalidate(chunk)
+        for kind, body in outbox:
+            self._send(Kind(kind), body)
+
+    def _send_invalidate(self, ops: list[Op]) -> None:
+        self._seq += 1
+        frame = Frame(Kind.INVALIDATE, self.node_id, self.epoch, self._seq, protocol.ops_body(ops))
+        try:
+            data = self.codec.encode(frame)
+        except protocol.ProtocolError:
+            # One key larger than a frame: tell peers to drop that whole cache instead.
+            aliases = dict.fromkeys(op.alias for op in ops)
+            clear = [Op(alias, OpCode.CLEAR, None) for alias in aliases]
+            frame = dataclasses.replace(frame, body=protocol.ops_body(clear))
+            data = self.codec.encode(frame)
+        if self._send_bytes(data):
+            self.counters.invalidations_sent += len(ops)
+            self.counters.keys_sent += sum(
+                len(op.args) if isinstance(op.args, list) else 1 for op in ops
+            )
+
+    def _send(self, kind: Kind, body: Any) -> None:
+        frame = Frame(kind, self.node_id, self.epoch, self._seq, body)
+        self._send_bytes(self.codec.encode(frame))
+
+    def _send_bytes(self, data: bytes) -> bool:
+        try:
+            self._socket.send(data)
+        except pynng.Closed:
+            return False
+        except pynng.NNGException as exc:
+            self.counters.send_errors += 1
+            self._log_once("send", "mesh: send failed (%s); peers will see a gap and flush", exc)
+            return False
+        self.counters.frames_sent += 1
+        return True
+
+    def _send_heartbeat(self) -> None:
+        now_ns = time.monotonic_ns()
+        with self._lock:
+            echo = tuple(
+                (peer.node_id, peer.heard_ns, now_ns - peer.heard_at_ns)
+                for peer in self._peers.values()
+                if peer.alive and peer.heard_ns
+            )
+        heartbeat = Heartbeat(self.address, now_ns, echo, self.observer)
+        self._send(Kind.HEARTBEAT, protocol.heartbeat_body(heartbeat))
+
+    # -- receiver -----------------------------------------------------------------------------
+
+    def _run_receiver(self) -> None:
+        sock = self._socket
+        timeout = TICK_FAST_MS
+        while not self._stop.is_set():
+            # Tick often only while something is pending (a missing frame's grace period, the
+            # start-up window): an idle mesh then wakes 4 times a second, not 20.
+            wanted = TICK_FAST_MS if not self.ready or self._missing_pending() else TICK_IDLE_MS
+            if wanted != timeout:
+                sock.recv_timeout = timeout = wanted
+            try:
+                batch = [sock.recv_msg()]
+                with contextlib.suppress(pynng.TryAgain):
+                    while len(batch) < RECV_BATCH:
+                        batch.append(sock.recv_msg(block=False))
+            except pynng.Timeout:
+                batch = []
+            except pynng.Closed:
+                return
+            except Exception:
+                logger.exception("mesh: receive error (continuing)")
+                batch = []
+            try:
+                if batch:
+                    self._handle_batch(batch)
+                self._tick()
+            except Exception:
+                logger.exception("mesh: error handling received frames (continuing)")
+
+    def _missing_pending(self) -> bool:
+        return any(peer.missing for peer in list(self._peers.values()))
+
+    def _handle_batch(self, batch: list[Any]) -> None:
+        now = self._clock()
+        by_alias: dict[str, list[Op]] = defaultdict(list)
+        flush = False
+        recent = self._recent_tags
+        for message in batch:
+            self.counters.frames_received += 1
+            data = message.bytes
+            # Two pipes join each pair of nodes (both dial), so every frame arrives twice: the
+            # second copy is recognised by its tag, without verifying or parsing it again.
+            tag = data[-protocol.TAG_SIZE :]
+            origin = recent.get(tag)
+            if origin is not None:
+                self.counters.duplicates += 1
+                self._bind_pipe(message.pipe, origin)
+                continue
+            try:
+                frame = self.codec.decode(data)
+            except protocol.ProtocolError as exc:
+                self._reject(exc.reason)
+                continue
+            recent[tag] = frame.origin
+            if len(recent) > RECENT_TAGS:
+                recent.popitem(last=False)
+            flush |= self._accept(frame, message.pipe, now, by_alias)
+        if flush:
+            self._flush_all()
+        for alias, ops in by_alias.items():
+            store = self._stores.get(alias)
+            if store is not None:
+                store.apply(ops)
+
+    def _reject(self, reason: str) -> None:
+        self.counters.frames_rejected += 1
+        self.counters.rejected_by_reason[reason] += 1
+        self._log_limited(f"reject:{reason}", "mesh: rejected a frame (%s)", reason)
+
+    def _accept(self, frame: Frame, pipe: Any, now: float, by_alias: dict[str, list[Op]]) -> bool:
+        """Check one verified frame; queue its ops. Returns True if caches must be flushed."""
+        origin = frame.origin
+        if origin == self.node_id:
+            self._self_pipes.add(pipe.id)
+            self._close_self_dialer(pipe)
+            return False
+        with self._lock:
+            owner = self._bind_pipe_locked(pipe, origin)
+            if owner != origin:
+                # An authenticated peer speaking for another node on its own pipe.
+                self._reject("foreign_origin")
+                return False
+            peer = self._peers.get(origin)
+            if peer is None:
+                peer = self._new_peer(origin)
+            peer.pipes.add(pipe.id)
+        if frame.epoch < peer.epoch:
+            self._reject("replayed")
+            return False
+        flush = False
+        if frame.epoch > peer.epoch:
+            if peer.highest is not None:
+                # Same id, new epoch: it restarted. What it sent before we cannot know.
+                flush = True
+            peer.epoch, peer.highest, peer.missing = frame.epoch, None, {}
+            peer.heard_ns = 0
+        kind = frame.kind
+        if not self._is_fresh(peer, frame):
+            # A copy of a frame already seen (another pipe, or a replay by someone who captured
+            # it): it must not make a silent peer look alive.
+            self.counters.duplicates += 1
+            return flush
+        if kind is Kind.STATS_REQUEST and not peer.alive:
+            # Observers (mesh_status) ask before their first heartbeat may have arrived; answer,
+            # but don't count a node that has not introduced itself as a live peer.
+            self._on_stats_request(peer, frame.body)
+            return flush
+        was_alive = peer.alive
+        if not was_alive:
+            peer.announce, peer.announce_heartbeats, peer.latency_ms = True, 0, None
+        peer.last_heard = now
+        peer.alive = True
+        if kind is Kind.INVALIDATE:
+            flush |= self._track_invalidate(peer, frame.seq, now, by_alias, frame.body)
+        else:
+            flush |= self._track_seq(peer, frame.seq, now)
+            if kind is Kind.HEARTBEAT:
+                self._on_heartbeat(peer, frame.body, was_alive)
+            elif kind is Kind.BYE:
+                self._on_bye(peer)
+            elif kind is Kind.STATS_REQUEST:
+                self._on_stats_request(peer, frame.body)
+            elif kind is Kind.STATS_REPLY:
+                self._on_stats_reply(peer, frame.body)
+        return flush
+
+    def _bind_pipe(self, pipe: Any, origin: bytes) -> None:
+        with self._lock:
+            self._bind_pipe_locked(pipe, origin)
+
+    def _bind_pipe_locked(self, pipe: Any, origin: bytes) -> bytes:
+        """The node a pipe speaks for: the first authenticated origin seen on it."""
+        owner = self._pipe_owner.get(pipe.id)
+        if owner is None:
+            self._pipe_owner[pipe.id] = owner = origin
+            dialed_as = self._dialed_address(pipe)
+            if dialed_as:
+                peer = self._peers.get(origin) or self._new_peer(origin)
+                peer.dialed_as = dialed_as
+        return owner
+
+    @staticmethod
+    def _is_fresh(peer: Peer, frame: Frame) -> bool:
+        if frame.kind is Kind.INVALIDATE:
+            highest = peer.highest
+            return highest is None or frame.seq > highest or frame.seq in peer.missing
+        if frame.kind is Kind.HEARTBEAT:
+            # Stamped with the sender's monotonic clock: a replayed heartbeat is an old one.
+            sent_ns = frame.body.sent_ns if isinstance(frame.body, Heartbeat) else 0
+            return sent_ns > peer.heard_ns
+        return True
+
+    def _new_peer(self, origin: bytes) -> Peer:
+        if len(self._peers) >= MAX_PEERS:
+            stale = min(
+                (p for p in self._peers.values() if not p.alive),
+                key=lambda p: p.last_heard,
+                default=None,
+            )
+            if stale is not None:
+                del self._peers[stale.node_id]
+        peer = self._peers[origin] = Peer(origin)
+        return peer
+
+    def _first_contact_needs_flush(self, seq: int) -> bool:
+        # A node that is still in its start-up window holds nothing it could have missed.
+        return seq > 0 and self.ready
+
+    def _track_invalidate(
+        self,
+        peer: Peer,
+        seq: int,
+        now: float,
+        by_alias: dict[str, list[Op]],
+        ops: list[Op],
+    ) -> bool:
+        flush = False
+        highest = peer.highest
+        if highest is None:
+            flush = self._first_contact_needs_flush(seq - 1)
+            peer.highest = seq
+        elif seq == highest + 1:
+            peer.highest = seq
+        elif seq > highest:
+            flush = self._note_missing(peer, highest + 1, seq, now)
+            peer.highest = seq
+        elif peer.missing.pop(seq, None) is None:
+            self.counters.duplicates += 1
+            return False
+        self.counters.invalidations_received += len(ops)
+        peer.invalidations_received += len(ops)
+        for op in ops:
+            self.counters.keys_received += len(op.args) if isinstance(op.args, list) else 1
+            by_alias[op.alias].append(op)
+        return flush
+
+    def _track_seq(self, peer: Peer, seq: int, now: float) -> bool:
+        """Non-invalidate frames carry the sender's latest seq without consuming one."""
+        highest = peer.highest
+        if highest is None:
+            peer.highest = seq
+            return self._first_contact_needs_flush(seq)
+        if seq > highest:
+            peer.highest = seq
+            return self._note_missing(peer, highest + 1, seq + 1, now)
+        return False
+
+    def _note_missing(self, peer: Peer, first: int, end: int, now: float) -> bool:
+        if end - first + len(peer.missing) > MAX_MISSING:
+            peer.missing.clear()
+            return self._gap(peer)
+        for seq in range(first, end):
+            peer.missing[seq] = now
+        return False
+
+    def _gap(self, peer: Peer) -> bool:
+        self.counters.gaps_detected += 1
+        peer.gaps_detected += 1
+        self._log_limited(
+            f"gap:{peer.hex_id}",
+            "mesh: gap detected from %s (%s): frames were lost, flushing the mesh caches (%s)",
+            peer.hex_id,
+            peer.address or "address unknown",
+            ", ".join(sorted(self._stores)) or "none",
+        )
+        return True
+
+    def _flush_all(self) -> None:
+        self.counters.flushes += 1
+        for store in list(self._stores.values()):
+            store.flush()
+
+    def _on_heartbeat(self, peer: Peer, heartbeat: Heartbeat, was_alive: bool) -> None:
+        peer.heard_ns = heartbeat.sent_ns
+        peer.heard_at_ns = time.monotonic_ns()
+        peer.observer = heartbeat.observer
+        if heartbeat.address:
+            peer.address = heartbeat.address
+        for node_id, sent_ns, held_ns in heartbeat.echo:
+            if node_id == self.node_id and sent_ns:
+                rtt_ns = time.monotonic_ns() - sent_ns - held_ns
+                if 0 <= rtt_ns < 60_000_000_000:
+                    peer.latency_ms = round(rtt_ns / 2 / 1e6, 3)
+        if peer.announce and not peer.observer:
+            # Logged once the latency is known: the peer answers our first heartbeat at once.
+            peer.announce_heartbeats += 1
+            if peer.latency_ms is not None or peer.announce_heartbeats >= LIVENESS_HEARTBEATS:
+                peer.announce = False
+                logger.info(
+                    "mesh: connected to %s (%s)%s",
+                    peer.hex_id,
+                    peer.address or "address unknown",
+                    f", latency {peer.latency_ms} ms" if peer.latency_ms is not None else "",
+                )
+        if not was_alive and not peer.observer:
+            # Answer at once so the new peer need not wait a whole heartbeat to hear from us.
+            self._heartbeat_now.set()
+            self._wake.set()
+            self._check_ready()
+
+    def _on_bye(self, peer: Peer) -> None:
+        if not peer.observer:
+            logger.info("mesh: peer %s (%s) left", peer.hex_id, peer.address)
+        peer.alive = False
+
+    def _on_stats_request(self, peer: Peer, request_id: int) -> None:
+        if self.observer:
+            return
+        reply = protocol.StatsReply(request_id, peer.node_id, self.snapshot())
+        with self._lock:
+            self._outbox.append((Kind.STATS_REPLY, protocol.stats_reply_body(reply)))
+        self._wake.set()
+
+    def _on_stats_reply(self, peer: Peer, reply: protocol.StatsReply) -> None:
+        if reply.requester != self.node_id:
+            return
+        waiter = self._stats_waiters.get(reply.request_id)
+        if waiter is not None:
+            waiter(peer.node_id, reply.stats)
+
+    def _close_self_dialer(self, pipe: Any) -> None:
+        with contextlib.suppress(Exception):
+            dialer = pipe.dialer
+            for address, candidate in list(self._dialers.items()):
+                if candidate is dialer:
+                    del self._dialers[address]
+                    logger.info("mesh: %s is this process itself; not dialling it", address)
+                    dialer.close()
+
+    def _tick(self) -> None:
+        """Periodic checks, run by the receiver between batches: at least every 50 ms while a
+        frame is missing or the start-up window is open, every 250 ms otherwise."""
+        now = self._clock()
+        flush = False
+        lost: list[Peer] = []
+        liveness = LIVENESS_HEARTBEATS * self.config.heartbeat
+        with self._lock:
+            for peer in self._peers.values():
+                if peer.missing and now - min(peer.missing.values()) > GAP_GRACE:
+                    peer.missing.clear()
+                    flush |= self._gap(peer)
+                if peer.alive and now - peer.last_heard > liveness:
+                    peer.alive = False
+                    lost.append(peer)
+        for peer in lost:
+            if not peer.observer:
+                # Whatever it sent since it was last heard may be lost with no later frame to
+                # show the gap: everything held here may be stale. It did not say goodbye.
+                logger.info(
+                    "mesh: lost peer %s (%s); flushing the mesh caches", peer.hex_id, peer.address
+                )
+                self.counters.peers_lost += 1
+                flush = True
+        if flush:
+            self._flush_all()
+        self._flush_log_limits(now)
+        self._check_ready()
+        self._update_degraded()
+
+    def _update_degraded(self) -> None:
+        """Cap new entries' lifetime while a peer we know of cannot be reached (see docs)."""
+        with self._lock:
+            expected = self._expected or set()
+            reachable = {
+                a for p in self._peers.values() if p.alive for a in (p.address, p.dialed_as)
+            }
+        unreachable = expected - reachable
+        self.max_timeout = self.config.degraded_timeout if unreachable else None
+
+    # -- maintenance (discovery) ----------------------------------------------------------------
+
+    def _run_maintenance(self) -> None:
+        interval = self.config.discovery_interval
+        while not self._stop.is_set():
+            try:
+                addresses = self.registry.sync(self)
+                if addresses is not None:
+                    self.set_peer_addresses(addresses)
+            except Exception:
+                logger.exception("mesh: discovery error (keeping the current peers)")
+            self._stop.wait(interval)
+
+    # -- observability --------------------------------------------------------------------------
+
+    def request_stats(
+        self, request_id: int, on_reply: Callable[[bytes, dict[str, Any]], None]
+    ) -> None:
+        """Ask every peer for its stats (mesh_status); replies arrive on the receiver thread."""
+        self._stats_waiters[request_id] = on_reply
+        with self._lock:
+            self._outbox.append((Kind.STATS_REQUEST, request_id))
+        self._wake.set()
+
+    def peers(self) -> list[Peer]:
+        with self._lock:
+            return [peer for peer in self._peers.values() if not peer.observer]
+
+    def snapshot(self) -> dict[str, Any]:
+        counters = self.counters
+        with self._lock:
+            expected = set(self._expected or ())
+            peers = [p for p in self._peers.values() if not p.observer]
+        rows = []
+        for peer in sorted(peers, key=lambda p: p.address):
+            if not peer.alive and not {peer.address, peer.dialed_as} & expected:
+                continue
+            rows.append(
+                {
+                    "id": peer.hex_id,
+                    "address": peer.address,
+                    "connected": peer.alive,
+                    "latency_ms": peer.latency_ms,
+                    "invalidations_received": peer.invalidations_received,
+                    "gaps_detected": peer.gaps_detected,
+                    "last_heard_s": round(self._clock() - peer.last_heard, 3),
+                }
+            )
+        known = {row["address"] for row in rows} | {peer.dialed_as for peer in peers}
+        for address in sorted(expected - known):
+            rows.append(
+                {
+                    "id": None,
+                    "address": address,
+                    "connected": False,
+                    "latency_ms": None,
+                    "invalidations_received": 0,
+                    "gaps_detected": 0,
+                    "last_heard_s": None,
+                }
+            )
+        return {
+            "enabled": True,
+            "reason": "",
+            "node_id": self.hex_id,
+            "peer_id": self.hex_id,
+            "address": self.address,
+            "pid": self.pid,
+            "host": socket.gethostname(),
+            "epoch": self.epoch,
+            "started_at": self.started_at,
+            "ready": self.ready,
+            "degraded": self.max_timeout is not None,
+            "discovery": self.registry.description,
+            "peers": rows,
+            **{name: getattr(counters, name) for name in _COUNTER_NAMES},
+            "rejected_by_reason": dict(counters.rejected_by_reason),
+        }
+
+    def _log_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._logged_once:
+            self._logged_once.add(key)
+            logger.warning(message, *args)
+
+    def _log_limited(self, key: str, message: str, *args: object) -> None:
+        """A warning at most once per ``LOG_EVERY`` seconds per key; repeats are summed up."""
+        now = self._clock()
+        limit = self._log_limits.get(key)
+        if limit is not None and (limit.repeats or now - limit.logged_at < LOG_EVERY):
+            limit.repeats += 1
+            limit.message, limit.args = message, args
+            self._flush_log_limits(now)  # the summed-up line, if its minute is over
+            return
+        self._log_limits[key] = _Limited(now)
+        logger.warning(message, *args)
+
+    def _flush_log_limits(self, now: float) -> None:
+        """Receiver thread: log what a limited line held back, once its minute is up."""
+        for key, limit in list(self._log_limits.items()):
+            if now - limit.logged_at < LOG_EVERY:
+                continue
+            if limit.repeats:
+                logger.warning(
+                    limit.message + " (%d more time(s) in the last %d s)",
+                    *limit.args,
+                    limit.repeats,
+                    round(now - limit.logged_at),
+                )
+                self._log_limits[key] = _Limited(now)
+            else:
+                del self._log_limits[key]
+
+
+@dataclasses.dataclass
+class _Limited:
+    logged_at: float
+    repeats: int = 0
+    message: str = ""
+    args: tuple[object, ...] = ()
+
+
+def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> list[Op]:
+    """Merge queued invalidations: a key once (its last op wins), a clear swallows its alias."""
+    cleared: set[str] = set(overflowed)
+    keys: dict[str, dict[str, bytes | None]] = {}
+    tags: dict[str, dict[str, None]] = {}
+    patterns: dict[str, dict[str, None]] = {}
+    for alias, code, arg in queue:
+        if code is OpCode.CLEAR:
+            cleared.add(alias)
+            keys.pop(alias, None)
+            tags.pop(alias, None)
+            patterns.pop(alias, None)
+        elif alias in cleared:
+            # Later ops after a clear still matter only for values stored after it; a clear
+            # drops every copy on the peers, so it already covers them.
+            continue
+        elif code is OpCode.DELETE:
+            alias_keys = keys.setdefault(alias, {})
+            for key in arg:
+                alias_keys[key] = None
+        elif code is OpCode.DELETE_UNLESS:
+            key, stored = arg
+            keys.setdefault(alias, {})[key] = stored
+        elif code is OpCode.TAGS:
+            tags.setdefault(alias, {}).update(dict.fromkeys(arg))
+        elif code is OpCode.PATTERN:
+            patterns.setdefault(alias, {})[arg] = None
+    ops = [Op(alias, OpCode.CLEAR, None) for alias in cleared]
+    for alias, entries in keys.items():
+        deletes = [key for key, stored in entries.items() if stored is None]
+        unless = [
+            [key, protocol.digest(stored)] for key, stored in entries.items() if stored is not None
+        ]
+        if deletes:
+            ops.append(Op(alias, OpCode.DELETE, deletes))
+        if unless:
+            ops.append(Op(alias, OpCode.DELETE_UNLESS, unless))
+    ops.extend(Op(alias, OpCode.TAGS, list(names)) for alias, names in tags.items())
+    for alias, names in patterns.items():
+        ops.extend(Op(alias, OpCode.PATTERN, pattern) for pattern in names)
+    return ops
+
+
+def _advertised_address(config: MeshSettings, port: int) -> str:
+    if config.advertise:
+        host, advertised_port = parse_address("ADVERTISE", config.advertise)
+        # ADVERTISE without the real port (PORT 0 or a range) would point peers elsewhere.
+        if config.port == 0 or config.port_range > 1:
+            advertised_port = port
+        return format_address(host, advertised_port)
+    return format_address(_default_host(config.bind), port)
+
+
+def _default_host(bind: str) -> str:
+    if bind not in {"0.0.0.0", "::", ""}:
+        return bind
+    try:
+        hostname = socket.gethostname()
+        for family, *_, sockaddr in socket.getaddrinfo(hostname, None, socket.AF_INET):
+            address = str(sockaddr[0])
+            if family == socket.AF_INET and not address.startswith("127."):
+                return address
+    except OSError:
+        pass
+    logger.warning(
+        "mesh: no non-loopback address found for this host; advertising 127.0.0.1. "
+        "Set WARPMESH['ADVERTISE'] (or WARPMESH_ADVERTISE) so other hosts can reach it."
+    )
+    return "127.0.0.1"
+
+
+# -- the process's node ---------------------------------------------------------------------
+
+_current: MeshNode | NullNode | None = None
+_current_lock = threading.Lock()
+# The pid of the process that opened an nng socket. nng cannot be used again in a process
+# forked from it (it aborts), so a forked child must not even try.
+_nng_opened_in: int | None = None
+_node_factory: Callable[[], MeshNode | NullNode] | None = None
+
+
+def set_node_factory(factory: Callable[[], MeshNode | NullNode]) -> None:
+    """Installed by the cache layer, which knows the Django settings the node is built from."""
+    global _node_factory
+    _node_factory = factory
+
+
+def get_node() -> MeshNode | NullNode:
+    node = _current
+    if node is not None:
+        return node
+    return _start_node()
+
+
+def _start_node() -> MeshNode | NullNode:
+    global _current, _nng_opened_in
+    with _current_lock:
+        if _current is not None:
+            return _current
+        if _nng_opened_in is not None and _nng_opened_in != os.getpid():
+            logger.error(
+                "mesh: this process was forked from one (pid %s) that had already opened the "
+                "mesh socket, and nng cannot be used after fork; caching locally only, with "
+                "entries capped at DEGRADED_TIMEOUT. Do not use the cache before the fork "
+                "(e.g. in gunicorn --preload at import time).",
+                _nng_opened_in,
+            )
+            from django_warpmesh.conf import get_settings
+
+            _current = NullNode(
+                "forked after the mesh socket was opened", get_settings().degraded_timeout
+            )
+            return _current
+        if _node_factory is None:
+            # No MeshCache has been imported yet, so there is nothing to keep coherent; do not
+            # remember this answer, or the first real cache use would never start the mesh.
+            return NullNode("no MeshCache configured in this process yet")
+        try:
+            node = _node_factory()
+        except Exception as exc:
+            # Invalid settings (the settings check names the key) must not fail requests; but
+            # without a mesh, peers' writes cannot reach us: cap what we cache.
+            logger.error(
+                "mesh: cannot build the mesh node (%s); caching locally only, entries capped "
+                "at %s s",
+                exc,
+                FALLBACK_TIMEOUT,
+            )
+            node = NullNode(f"cannot build the mesh node: {exc}", FALLBACK_TIMEOUT)
+        if isinstance(node, MeshNode):
+            _nng_opened_in = os.getpid()
+            try:
+                node.start()
+            except Exception as exc:
+                cap = node.config.degraded_timeout
+                logger.error(
+                    "mesh: could not start (%s); caching locally only, entries capped at %s s",
+                    exc,
+                    cap,
+                )
+                with contextlib.suppress(Exception):
+                    node.stop(timeout=0.5)
+                node = NullNode(f"could not start: {exc}", cap)
+        _current = node
+        return node
+
+
+def stop_node() -> None:
+    """Stop this process's node (atexit, tests). The next cache use starts a new one."""
+    global _current
+    with _current_lock:
+        node, _current = _current, None
+    if node is not None and node.pid == os.getpid():
+        node.stop()
+
+
+def _after_fork_in_child() -> None:
+    global _current, _current_lock
+    # The parent's node, threads and lock are not ours: forget them without touching them.
+    _current = None
+    _current_lock = threading.Lock()
+    for callback in _fork_callbacks:
+        callback()
+
+
+_fork_callbacks: list[Callable[[], None]] = []
+
+
+def on_fork_in_child(callback: Callable[[], None]) -> None:
+    _fork_callbacks.append(callback)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(stop_node)

@@ -1,0 +1,322 @@
+"""The wire protocol: frames to bytes and back. Pure: no I/O, no Django, no threads.
+
+A frame on the wire is ``payload || tag``:
+
+* ``payload`` is a msgpack array ``[version, kind, origin, epoch, seq, body]``;
+* ``tag`` is the first 16 bytes of HMAC-SHA256(key, payload).
+
+The tag is checked before a single byte of the payload is parsed, so bytes from a stranger never
+reach the msgpack decoder. Every way a frame can be wrong raises :class:`ProtocolError` with a
+short ``reason`` that the node counts; nothing else escapes :func:`decode`.
+
+``seq`` numbers the INVALIDATE frames of one ``(origin, epoch)`` from 1; other kinds carry the
+sender's latest INVALIDATE seq without consuming one, so a receiver that sees any frame knows
+whether it has missed an invalidation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, TypeAlias
+
+import msgpack
+
+VERSION: Final = 1
+TAG_SIZE: Final = 16
+NODE_ID_SIZE: Final = 8
+DIGEST_SIZE: Final = 8
+# The fixed part of a frame: array header, version, kind, origin, epoch, seq, tag.
+FRAME_OVERHEAD: Final = 1 + 1 + 1 + (2 + NODE_ID_SIZE) + 9 + 9 + TAG_SIZE
+_MAX_SEQ: Final = (1 << 64) - 1
+_ARRAY6: Final = 0x96
+
+
+class Kind(enum.IntEnum):
+    INVALIDATE = 1
+    HEARTBEAT = 2
+    BYE = 3
+    STATS_REQUEST = 4
+    STATS_REPLY = 5
+
+
+class OpCode(enum.IntEnum):
+    DELETE = 1  # args: [key, ...]
+    DELETE_UNLESS = 2  # args: [[key, digest], ...]: drop unless the local value has that digest
+    CLEAR = 3  # args: None
+    PATTERN = 4  # args: glob pattern over full keys
+    TAGS = 5  # args: [tag, ...]
+
+
+Body: TypeAlias = Any
+
+
+class ProtocolError(ValueError):
+    """A frame that must be dropped. ``reason`` is a short, countable word."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Op:
+    alias: str
+    code: OpCode
+    args: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    origin: bytes
+    epoch: int
+    seq: int
+    body: Body = None
+
+
+class Codec:
+    """Encodes and decodes frames under one HMAC key. Thread-safe: it holds no mutable state."""
+
+    def __init__(self, key: bytes, *, max_frame_bytes: int = 1024 * 1024) -> None:
+        if len(key) < 16:
+            raise ValueError("the HMAC key must be at least 16 bytes")
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.max_frame_bytes = max_frame_bytes
+
+    def _tag(self, payload: bytes) -> bytes:
+        mac = self._mac.copy()
+        mac.update(payload)
+        return mac.digest()[:TAG_SIZE]
+
+    def encode(self, frame: Frame) -> bytes:
+        payload = msgpack.packb(
+            [VERSION, int(frame.kind), frame.origin, frame.epoch, frame.seq, frame.body],
+            use_bin_type=True,
+        )
+        data = payload + self._tag(payload)
+        if len(data) > self.max_frame_bytes:
+            raise ProtocolError("too_large", f"{len(data)} > {self.max_frame_bytes} bytes")
+        return data
+
+    def decode(self, data: bytes) -> Frame:
+        size = len(data)
+        if size > self.max_frame_bytes:
+            raise ProtocolError("too_large", f"{size} bytes")
+        if size < 8 + TAG_SIZE:
+            raise ProtocolError("malformed", "too short")
+        if data[0] == _ARRAY6 and data[1] != VERSION and data[1] < 0x80:
+            raise ProtocolError("unknown_version", str(data[1]))
+        payload, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
+        if not hmac.compare_digest(self._tag(payload), tag):
+            raise ProtocolError("bad_mac")
+        try:
+            fields = msgpack.unpackb(
+                payload,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+            )
+        except Exception as exc:  # msgpack raises a zoo of types; all mean the same here.
+            raise ProtocolError("malformed", type(exc).__name__) from None
+        return _validate_frame(fields)
+
+
+def _validate_frame(fields: object) -> Frame:
+    if not isinstance(fields, list) or len(fields) != 6:
+        raise ProtocolError("malformed", "not a 6-element array")
+    version, kind_value, origin, epoch, seq, body = fields
+    if version != VERSION:
+        raise ProtocolError("unknown_version", repr(version))
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise ProtocolError("malformed", f"unknown kind {kind_value!r}") from None
+    if not isinstance(origin, bytes) or len(origin) != NODE_ID_SIZE:
+        raise ProtocolError("malformed", "origin")
+    for name, number in (("epoch", epoch), ("seq", seq)):
+        if type(number) is not int or not 0 <= number <= _MAX_SEQ:
+            raise ProtocolError("malformed", name)
+    validator = _BODY_VALIDATORS[kind]
+    return Frame(kind, origin, epoch, seq, validator(body))
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(item) is str for item in value)
+
+
+def _validate_ops(body: object) -> list[Op]:
+    if not isinstance(body, list) or not body:
+        raise ProtocolError("malformed", "invalidate body")
+    ops = []
+    for item in body:
+        if not isinstance(item, list) or len(item) != 3 or type(item[0]) is not str:
+            raise ProtocolError("malformed", "op")
+        alias, code_value, args = item
+        try:
+            code = OpCode(code_value)
+        except ValueError:
+            raise ProtocolError("malformed", f"unknown op {code_value!r}") from None
+        if code is OpCode.DELETE or code is OpCode.TAGS:
+            ok = _is_str_list(args)
+        elif code is OpCode.DELETE_UNLESS:
+            ok = isinstance(args, list) and all(
+                isinstance(pair, list)
+                and len(pair) == 2
+                and type(pair[0]) is str
+                and isinstance(pair[1], bytes)
+                and len(pair[1]) == DIGEST_SIZE
+                for pair in args
+            )
+        elif code is OpCode.CLEAR:
+            ok = args is None
+        else:
+            ok = type(args) is str
+        if not ok:
+            raise ProtocolError("malformed", f"{code.name} arguments")
+        ops.append(Op(alias, code, args))
+    return ops
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a node says of itself every HEARTBEAT seconds (and at once on a new connection).
+
+    ``echo`` lets every peer measure its round trip to us without a ping frame of its own:
+    for each peer we heard, the ``sent_ns`` of its last heartbeat and how long we held it.
+    """
+
+    address: str
+    sent_ns: int
+    echo: tuple[tuple[bytes, int, int], ...] = ()
+    observer: bool = False
+
+
+def _validate_heartbeat(body: object) -> Heartbeat:
+    if not isinstance(body, list) or len(body) != 4:
+        raise ProtocolError("malformed", "heartbeat body")
+    address, sent_ns, echo, observer = body
+    if type(address) is not str or type(sent_ns) is not int or type(observer) is not bool:
+        raise ProtocolError("malformed", "heartbeat fields")
+    if not isinstance(echo, list) or not all(
+        isinstance(entry, list)
+        and len(entry) == 3
+        and isinstance(entry[0], bytes)
+        and len(entry[0]) == NODE_ID_SIZE
+        and type(entry[1]) is int
+        and type(entry[2]) is int
+        for entry in echo
+    ):
+        raise ProtocolError("malformed", "heartbeat echo")
+    return Heartbeat(address, sent_ns, tuple((e[0], e[1], e[2]) for e in echo), observer)
+
+
+def _validate_none(body: object) -> None:
+    if body is not None:
+        raise ProtocolError("malformed", "unexpected body")
+
+
+def _validate_stats_request(body: object) -> int:
+    if type(body) is not int:
+        raise ProtocolError("malformed", "stats request")
+    return body
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatsReply:
+    request_id: int
+    requester: bytes
+    stats: dict[str, Any]
+
+
+def _validate_stats_reply(body: object) -> StatsReply:
+    if (
+        not isinstance(body, list)
+        or len(body) != 3
+        or type(body[0]) is not int
+        or not isinstance(body[1], bytes)
+        or not isinstance(body[2], dict)
+    ):
+        raise ProtocolError("malformed", "stats reply")
+    return StatsReply(body[0], body[1], body[2])
+
+
+_BODY_VALIDATORS: Final = {
+    Kind.INVALIDATE: _validate_ops,
+    Kind.HEARTBEAT: _validate_heartbeat,
+    Kind.BYE: _validate_none,
+    Kind.STATS_REQUEST: _validate_stats_request,
+    Kind.STATS_REPLY: _validate_stats_reply,
+}
+
+
+# Builders: the only way the node makes bodies, so what is sent always passes validation.
+
+
+def ops_body(ops: Iterable[Op]) -> list[list[Any]]:
+    return [[op.alias, int(op.code), op.args] for op in ops]
+
+
+def heartbeat_body(heartbeat: Heartbeat) -> list[Any]:
+    return [
+        heartbeat.address,
+        heartbeat.sent_ns,
+        [list(entry) for entry in heartbeat.echo],
+        heartbeat.observer,
+    ]
+
+
+def stats_reply_body(reply: StatsReply) -> list[Any]:
+    return [reply.request_id, reply.requester, reply.stats]
+
+
+def digest(stored: bytes) -> bytes:
+    """The digest peers compare to decide whether they hold the same value."""
+    return hashlib.blake2b(stored, digest_size=DIGEST_SIZE).digest()
+
+
+def split_ops(ops: Sequence[Op], budget: int) -> list[list[Op]]:
+    """Group ops into frames whose encoded bodies stay under ``budget`` bytes.
+
+    An op too large on its own for one frame (thousands of keys) is split by its keys; a single
+    key larger than the budget cannot be sent, and the caller turns it into a CLEAR.
+    """
+    frames: list[list[Op]] = []
+    current: list[Op] = []
+    used = 0
+    for op in ops:
+        for piece in _split_op(op, budget):
+            size = _op_size(piece)
+            if current and used + size > budget:
+                frames.append(current)
+                current, used = [], 0
+            current.append(piece)
+            used += size
+    if current:
+        frames.append(current)
+    return frames
+
+
+def _op_size(op: Op) -> int:
+    return len(msgpack.packb([op.alias, int(op.code), op.args], use_bin_type=True))
+
+
+def _split_op(op: Op, budget: int) -> list[Op]:
+    if not isinstance(op.args, list) or _op_size(op) <= budget:
+        return [op]
+    pieces: list[Op] = []
+    chunk: list[Any] = []
+    used = 0
+    for item in op.args:
+        size = len(msgpack.packb(item, use_bin_type=True))
+        if chunk and used + size > budget // 2:
+            pieces.append(Op(op.alias, op.code, chunk))
+            chunk, used = [], 0
+        chunk.append(item)
+        used += size
+    if chunk:
+        pieces.append(Op(op.alias, op.code, chunk))
+    return pieces
