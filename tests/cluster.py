@@ -1,0 +1,280 @@
+"""Real OS processes on loopback, for the mesh tests: start, drive, poll, kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    message: str = "condition",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class MeshProcess:
+    def __init__(self, warpmesh: dict[str, Any], env: dict[str, str] | None = None) -> None:
+        self.warpmesh = warpmesh
+        full_env = {**os.environ, "WARPMESH_JSON": json.dumps(warpmesh), **(env or {})}
+        full_env.pop("WARPMESH_ENABLED", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.meshproc"],
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        hello = self._read()
+        self.pid = hello["pid"]
+        self.address: str | None = None
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"mesh process died: {self.stderr()}")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def request(self, call: str, **fields: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"call": call, **fields}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply["ok"]
+
+    def cache(self, method: str, *args: Any, alias: str = "default", **kwargs: Any) -> Any:
+        return self.request(method, args=list(args), kwargs=kwargs, alias=alias)
+
+    def stored(self, key: str, alias: str = "default") -> bool:
+        return bool(self.request("stored", key=key, alias=alias))
+
+    def stats(self) -> dict[str, Any]:
+        return self.request("stats")  # type: ignore[no-any-return]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request("exit")
+                self.proc.wait(10)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError):
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+class Cluster:
+    """N processes on 127.0.0.1: a static peer list, or (``discovery=True``) the peer table.
+
+    ``extra_peers``: addresses added to every process's static ``PEERS`` (another node started
+    elsewhere, or an address where nothing listens).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        discovery: bool = False,
+        env: dict[str, str] | None = None,
+        extra_peers: Sequence[str] = (),
+        **warpmesh: Any,
+    ) -> None:
+        self.discovery = discovery
+        self.env = env
+        self.extra_peers = list(extra_peers)
+        self.ports = free_ports(size)
+        self.addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        self.warpmesh = warpmesh
+        self.procs: list[MeshProcess] = []
+        for index in range(size):
+            self.procs.append(self.spawn(index))
+
+    def config(self, index: int) -> dict[str, Any]:
+        peers = (
+            {"PEERS": [], "DISCOVERY_INTERVAL": 0.3}
+            if self.discovery
+            else {"PEERS": self.addresses + self.extra_peers}
+        )
+        return {
+            "BIND": "127.0.0.1",
+            "PORT": self.ports[index],
+            "PORT_RANGE": 1,
+            "HEARTBEAT": 0.2,
+            **peers,
+            **self.warpmesh,
+        }
+
+    def spawn(self, index: int, **overrides: Any) -> MeshProcess:
+        proc = MeshProcess({**self.config(index), **overrides}, env=self.env)
+        proc.address = proc.request("start")["address"]
+        if index < len(self.addresses):
+            self.addresses[index] = proc.address
+        return proc
+
+    def add(self, **overrides: Any) -> MeshProcess:
+        """Start one more process (its port chosen now) and make it part of the cluster."""
+        (port,) = free_ports(1)
+        self.ports.append(port)
+        self.addresses.append(f"127.0.0.1:{port}")
+        self.procs.append(self.spawn(len(self.procs), **overrides))
+        return self.procs[-1]
+
+    def restart(self, index: int) -> MeshProcess:
+        self.procs[index].kill()
+        self.procs[index].close()
+        self.procs[index] = self.spawn(index)
+        return self.procs[index]
+
+    def wait_connected(self, timeout: float = 15.0) -> None:
+        expected = len(self.procs) - 1
+
+        def all_connected() -> bool:
+            for proc in self.procs:
+                if proc.proc.poll() is not None:
+                    continue
+                peers = proc.stats()["peers"]
+                if sum(1 for peer in peers if peer["connected"]) < expected:
+                    return False
+                if not proc.request("ready"):
+                    return False
+            return True
+
+        wait_for(all_connected, timeout, interval=0.05, message="every peer connected")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.close()
+
+
+@contextmanager
+def cluster(
+    size: int,
+    *,
+    discovery: bool = False,
+    env: dict[str, str] | None = None,
+    extra_peers: Sequence[str] = (),
+    **warpmesh: Any,
+) -> Iterator[Cluster]:
+    mesh = Cluster(size, discovery=discovery, env=env, extra_peers=extra_peers, **warpmesh)
+    try:
+        yield mesh
+    finally:
+        mesh.close()
+
+
+# -- a database every process of a test shares --------------------------------------------------
+
+
+def migrate(env: dict[str, str], *args: str) -> None:
+    """``manage.py migrate`` in a subprocess, against the database ``env`` points at."""
+    subprocess.run(
+        [sys.executable, "-m", "django", "migrate", *args, "-v0"],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **env},
+        check=True,
+    )
+
+
+def pg_connect(dbname: str) -> Any:
+    import psycopg
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    return psycopg.connect(
+        host=db["HOST"], port=int(db["PORT"]), user=db["USER"], dbname=dbname, autocommit=True
+    )
+
+
+def run_sql(env: dict[str, str], sql: str) -> None:
+    """Run one statement on the shared database (not the test database pytest-django made)."""
+    if "WARPMESH_PG_NAME" in env:
+        with pg_connect(env["WARPMESH_PG_NAME"]) as conn:
+            conn.execute(sql)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(env["WARPMESH_SQLITE_PATH"]) as conn:
+            conn.execute(sql)
+
+
+@contextmanager
+def node_in_this_process(port: int, peers: Sequence[str], **warpmesh: Any) -> Iterator[str]:
+    """This (pytest) process's own mesh node on 127.0.0.1:``port``, for the HTTP views and the
+    live server: ``WARPMESH`` overridden, the node started by a first cache write, stopped after.
+    """
+    from django.core.cache import caches
+    from django.test import override_settings
+
+    from django_warpmesh import node as mesh_node
+
+    address = f"127.0.0.1:{port}"
+    config = {
+        "ENABLED": True,
+        "BIND": "127.0.0.1",
+        "PORT": port,
+        "PORT_RANGE": 1,
+        "HEARTBEAT": 0.2,
+        "PEERS": [address, *peers],
+        **warpmesh,
+    }
+    with override_settings(WARPMESH=config):
+        mesh_node.stop_node()
+        try:
+            caches["default"].delete("warpmesh-tests:start")  # the first mutation starts it
+            yield address
+        finally:
+            mesh_node.stop_node()

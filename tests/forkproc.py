@@ -1,0 +1,46 @@
+"""Fork after (or before) the mesh socket was opened, and report what the child could do."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    import django
+    from django.conf import settings
+
+    django.setup()
+    settings.WARPMESH = json.loads(os.environ["WARPMESH_JSON"])
+    # As override_settings would: whatever parsed WARPMESH during setup parses it again.
+    from django.core.signals import setting_changed
+
+    setting_changed.send(sender=None, setting="WARPMESH", value=settings.WARPMESH, enter=True)
+    from django.core.cache import cache
+
+    import django_warpmesh
+
+    if mode == "after-open":
+        cache.set("parent-key", "parent", None)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            had_parent_value = cache.get("parent-key") is not None
+            cache.set("child-key", "child", None)
+            report = {
+                "child_value": cache.get("child-key"),
+                "had_parent_value": had_parent_value,
+                "stats": django_warpmesh.mesh_stats(),
+            }
+            print(json.dumps(report), flush=True)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"child_status": status, "parent_value": cache.get("parent-key")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Faults: crashes, frozen peers, partitions, stalled receivers, garbage. Real processes, loopback.
+
+Each test states the bound it checks, from docs/consistency.md: with HEARTBEAT 0.2 s a lost
+peer is detected within 3 heartbeats (0.6 s) plus one idle tick (250 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import MeshProcess, cluster, free_ports, wait_for
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.mesh
+
+HEARTBEAT = 0.2
+# Detection (3 heartbeats) plus a tick, plus generous slack for a loaded 2-core machine.
+DETECTION_BOUND = 3 * HEARTBEAT + 0.25 + 2.0
+
+
+def test_a_crash_mid_stream_leaves_nothing_stale() -> None:
+    with cluster(3, HEARTBEAT=HEARTBEAT) as mesh:
+        mesh.wait_connected()
+        writer, *receivers = mesh.procs
+        for proc in receivers:
+            proc.request("fill_local", prefix="f", count=20_000, alias="bulk")
+        assert writer.proc.stdin is not None
+        # Start a flood and kill the writer while it runs: which deletes left is unknown.
+        writer.proc.stdin.write(
+            '{"call": "flood", "prefix": "f", "count": 200000, "alias": "bulk"}\n'
+        )
+        writer.proc.stdin.flush()
+        wait_for(lambda: all(p.stats()["keys_received"] > 0 for p in receivers), 10, message="flow")
+        writer.kill(signal.SIGKILL)
+        # Whatever was in flight: each receiver notices the loss and flushes.
+        for proc in receivers:
+            wait_for(
+                lambda p=proc: p.request("count", alias="bulk") == 0,
+                DETECTION_BOUND,
+                message="the receiver to flush after the writer's crash",
+            )
+            assert proc.stats()["peers_lost"] >= 1
+
+
+def test_a_frozen_peer_neither_blocks_writers_nor_serves_stale_values() -> None:
+    with cluster(3, HEARTBEAT=HEARTBEAT) as mesh:
+        mesh.wait_connected()
+        writer, healthy, frozen = mesh.procs
+        for proc in mesh.procs:
+            proc.cache("set", "price", 10, None)
+        for proc in (healthy, frozen):
+            proc.request("fill_local", prefix="f", count=20_000, alias="bulk")
+        frozen.kill(signal.SIGSTOP)
+        try:
+            # The frozen peer reads nothing: the writer must not wait for it.
+            assert writer.request("flood", prefix="f", count=20_000, alias="bulk") == 20_000
+            writer.cache("set", "price", 11, None)
+            wait_for(lambda: healthy.request("count", alias="bulk") == 0, 10, message="healthy")
+            wait_for(lambda: not healthy.stored("price"), 5, message="price on the healthy peer")
+            wait_for(
+                lambda: (
+                    not any(
+                        p["connected"]
+                        for p in writer.stats()["peers"]
+                        if p["id"] and p["address"] == frozen.address
+                    )
+                ),
+                DETECTION_BOUND,
+                message="the frozen peer to be seen as lost",
+            )
+        finally:
+            frozen.kill(signal.SIGCONT)
+        # Thawed, it must not keep serving the price it held before the write.
+        wait_for(
+            lambda: not frozen.stored("price") and frozen.request("count", alias="bulk") == 0,
+            DETECTION_BOUND,
+            message="the thawed peer to drop what it missed",
+        )
+        mesh.wait_connected()
+        frozen.cache("set", "after", 1, None)
+        writer.cache("set", "after", 2, None)
+        wait_for(lambda: not frozen.stored("after"), 5, message="the thawed peer to rejoin")
+
+
+@pytest.fixture
+def partitioned_pair() -> Iterator[tuple[MeshProcess, MeshProcess, list[Proxy]]]:
+    """Two nodes that only reach each other through proxies the test can cut."""
+    port_a, port_b = free_ports(2)
+    to_a, to_b = Proxy(("127.0.0.1", port_a)), Proxy(("127.0.0.1", port_b))
+    common = {"BIND": "127.0.0.1", "PORT_RANGE": 1, "HEARTBEAT": HEARTBEAT}
+    procs: list[MeshProcess] = []
+    try:
+        procs.append(MeshProcess({**common, "PORT": port_a, "PEERS": [to_b.address]}))
+        procs.append(MeshProcess({**common, "PORT": port_b, "PEERS": [to_a.address]}))
+        for proc in procs:
+            proc.request("start")
+        yield procs[0], procs[1], [to_a, to_b]
+    finally:
+        for proc in procs:
+            proc.close()
+        to_a.close()
+        to_b.close()
+
+
+def connected(proc: MeshProcess) -> int:
+    return sum(peer["connected"] for peer in proc.stats()["peers"])
+
+
+def test_a_partition_bounds_staleness_and_heals(
+    partitioned_pair: tuple[MeshProcess, MeshProcess, list[Proxy]],
+) -> None:
+    a, b, proxies = partitioned_pair
+    wait_for(lambda: connected(a) and connected(b) and a.request("ready"), 10, message="link")
+    for proc in (a, b):
+        proc.cache("set", "k", "old", None)
+    for proxy in proxies:
+        proxy.cut()
+    a.cache("set", "k", "new", None)  # B cannot hear this
+    # B sees A gone within the detection bound and drops what it may have missed...
+    wait_for(lambda: b.stats()["peers_lost"] >= 1, DETECTION_BOUND, message="B to see A lost")
+    assert not b.stored("k")
+    # ...and what it caches while cut off lives at most DEGRADED_TIMEOUT (5 s by default).
+    b.cache("set", "during", "b-side", 3600)
+    assert 0 < b.request("ttl", key="during") <= 5.0
+    a.cache("set", "during", "a-side", 3600)
+    for proxy in proxies:
+        proxy.heal()
+    wait_for(lambda: connected(a) and connected(b), 10, message="the link to come back")
+    # Neither side keeps a value written while it could not hear the other.
+    wait_for(
+        lambda: not a.stored("during") and not b.stored("during"),
+        DETECTION_BOUND,
+        message="the values of the partition to be flushed after it heals",
+    )
+    assert a.stats()["gaps_detected"] + a.stats()["peers_lost"] >= 1
+    # Healed: invalidations cross again, and entries are no longer capped.
+    wait_for(lambda: not b.stats()["degraded"], 5, message="the cap to lift")
+    b.cache("set", "after", 1, 3600)
+    assert b.request("ttl", key="after") > 5.0
+    a.cache("set", "after", 2, None)
+    wait_for(lambda: not b.stored("after"), 5, message="invalidation after healing")
+
+
+def test_garbage_from_the_network_is_dropped_and_the_node_stays_healthy() -> None:
+    import pynng
+
+    with cluster(2, HEARTBEAT=HEARTBEAT) as mesh:
+        mesh.wait_connected()
+        victim, other = mesh.procs
+        victim.cache("set", "precious", 1, None)
+        host, port = victim.address.rsplit(":", 1)  # type: ignore[union-attr]
+        # Not even nng: raw bytes on fresh TCP connections, many times over.
+        for _ in range(200):
+            with socket.create_connection((host, int(port)), timeout=2) as sock:
+                sock.sendall(os.urandom(4096))
+        # nng, but frames of random bytes as fast as one socket can send them.
+        with pynng.Bus0(dial=f"tcp://{victim.address}", send_buffer_size=1024) as noise:
+            wait_for(
+                lambda: victim.stats()["frames_rejected"] > 0 or noise.send(os.urandom(64)),
+                10,
+                message="the first garbage frame to arrive",
+            )
+            for _ in range(20_000):
+                noise.send(os.urandom(int.from_bytes(os.urandom(1), "big") + 1))
+        wait_for(lambda: victim.stats()["frames_rejected"] >= 1000, 10, message="rejections")
+        # Intact and still serving, still in the mesh.
+        assert victim.stored("precious")
+        assert victim.cache("get", "precious") == 1
+        victim.cache("set", "k", "old", None)
+        other.cache("set", "k", "new", None)
+        wait_for(lambda: not victim.stored("k"), 5, message="real invalidations still apply")

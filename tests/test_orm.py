@@ -1,0 +1,450 @@
+"""ORM integration on a real database: every write path invalidates, transactions, the fill race.
+
+Runs on SQLite and on PostgreSQL (``-m database``), with real transactions
+(``transactional_db``) and, where a test needs concurrency, a second thread with its own
+database connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.core.cache import cache, caches
+from django.db import connection, transaction
+from django.test import override_settings
+
+from django_warpmesh import cached_as, cached_queryset, invalidate, no_invalidation
+from django_warpmesh.cache import get_store
+from django_warpmesh.protocol import Op, OpCode
+from django_warpmesh.tags import row_tag, table_tag
+from tests.testapp.models import Category, Product, Tag
+
+pytestmark = [pytest.mark.database, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache() -> Iterator[None]:
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def stored(key: str) -> bool:
+    return cache.make_key(key) in get_store("default").cache
+
+
+def in_other_thread(func: Callable[[], Any]) -> Any:
+    """Run ``func`` in a new thread (its own database connection) and return its result."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        from django.db import connections
+
+        try:
+            result.append(func())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+    return result[0] if result else None
+
+
+@pytest.fixture
+def catalogue() -> dict[str, Any]:
+    books = Category.objects.create(name="books")
+    games = Category.objects.create(name="games")
+    first = Product.objects.create(name="first", price=10, category=books)
+    second = Product.objects.create(name="second", price=20, category=games)
+    red = Tag.objects.create(name="red")
+    return {"books": books, "games": games, "first": first, "second": second, "red": red}
+
+
+def fill(catalogue: dict[str, Any]) -> None:
+    """One entry per granularity: a row of each product, the product table, a named tag."""
+    cache.set("row-first", 1, tags=[catalogue["first"]])
+    cache.set("row-second", 2, tags=[catalogue["second"]])
+    cache.set("table", 3, tags=[Product])
+    cache.set("named", 4, tags=["homepage"])
+    cache.set("category", 5, tags=[catalogue["books"]])
+    assert all(stored(k) for k in ("row-first", "row-second", "table", "named", "category"))
+
+
+# -- tags -------------------------------------------------------------------------------------
+
+
+def test_manual_invalidation_by_row_table_and_name(catalogue: dict[str, Any]) -> None:
+    fill(catalogue)
+    invalidate(catalogue["first"])
+    assert not stored("row-first")
+    assert not stored("table")  # a list of products depends on every product
+    assert stored("row-second")
+    assert stored("named")
+    fill(catalogue)
+    invalidate(Product)
+    assert not any(stored(k) for k in ("row-first", "row-second", "table"))
+    assert stored("named")
+    assert stored("category")
+    invalidate("homepage")
+    assert not stored("named")
+
+
+def test_tag_index_does_not_leak(catalogue: dict[str, Any]) -> None:
+    store = get_store("default")
+    for i in range(50):
+        cache.set(f"k{i}", i, tags=[catalogue["first"], Product, f"n{i}"])
+    assert len(store._key_tags) == 50
+    for i in range(25):
+        cache.delete(f"k{i}")
+    cache.set("k30", "retagged", tags=["other"])
+    for i in range(25, 50):
+        cache.set(f"k{i}", i, timeout=-1)  # expired at once, the way LocMemCache does it
+    cache.get("k31")
+    assert not store._key_tags
+    assert not store._tag_keys
+    assert not store._table_rows
+    bounded = caches["other"]
+    for i in range(1000):
+        bounded.set(f"c{i}", i, tags=[f"t{i}"])  # MAX_ENTRIES 300: most are culled
+    other = get_store("other")
+    assert set(other._key_tags) == set(other.cache)
+    assert sum(len(keys) for keys in other._tag_keys.values()) == len(other.cache)
+    bounded.clear()
+
+
+def test_tags_must_be_models_instances_or_strings() -> None:
+    with pytest.raises(TypeError):
+        cache.set("k", 1, tags=[3.5])
+    with pytest.raises(TypeError):
+        cache.set("k", 1, tags="a string, not a list")
+    with pytest.raises(ValueError, match="unsaved"):
+        cache.set("k", 1, tags=[Product(name="unsaved")])
+
+
+# -- every write path ---------------------------------------------------------------------------
+
+
+def test_save_evicts_its_row_and_its_table_not_other_rows(catalogue: dict[str, Any]) -> None:
+    fill(catalogue)
+    first = catalogue["first"]
+    first.price = 11
+    first.save()
+    assert not stored("row-first")
+    assert not stored("table")
+    assert stored("row-second")
+    assert stored("category")
+
+
+def test_create_and_delete_evict(catalogue: dict[str, Any]) -> None:
+    fill(catalogue)
+    Product.objects.create(name="third")
+    assert not stored("table")
+    assert stored("row-first")
+    fill(catalogue)
+    catalogue["second"].delete()
+    assert not stored("row-second")
+    assert not stored("table")
+    assert stored("row-first")
+
+
+def test_writes_without_signals_evict_the_table(catalogue: dict[str, Any]) -> None:
+    writes: list[Callable[[], object]] = [
+        lambda: Product.objects.filter(price__lt=15).update(price=12),
+        lambda: Product.objects.bulk_create([Product(name="bulk")]),
+        lambda: Product.objects.bulk_update([catalogue["second"]], ["price"]),
+        lambda: Product.objects.filter(name="first")._raw_delete(Product.objects.db),
+        lambda: connection.cursor().execute("UPDATE testapp_product SET price = price + 1"),
+    ]
+    for write in writes:
+        fill(catalogue)
+        write()
+        assert not stored("row-first"), write
+        assert not stored("row-second"), write
+        assert not stored("table"), write
+        assert stored("category"), write
+        assert stored("named"), write
+        if not Product.objects.filter(pk=catalogue["first"].pk).exists():
+            catalogue["first"] = Product.objects.create(name="first", price=10)
+
+
+def test_cascade_deletes_evict_the_related_rows(catalogue: dict[str, Any]) -> None:
+    fill(catalogue)
+    catalogue["books"].delete()  # cascades to "first"
+    assert not stored("category")
+    assert not stored("row-first")
+    assert stored("row-second")
+
+
+def test_m2m_changes_evict_both_sides(catalogue: dict[str, Any]) -> None:
+    first, red = catalogue["first"], catalogue["red"]
+    for change in (
+        lambda: first.tags.add(red),
+        lambda: first.tags.remove(red),
+        lambda: red.product_set.add(first),
+        first.tags.clear,
+    ):
+        fill(catalogue)
+        cache.set("red", 1, tags=[red])
+        change()
+        assert not stored("row-first")
+        assert not stored("red")
+        assert stored("row-second")
+
+
+def test_no_invalidation_block_and_orm_setting(catalogue: dict[str, Any]) -> None:
+    fill(catalogue)
+    with no_invalidation():
+        catalogue["first"].save()
+        Product.objects.update(price=1)
+    assert stored("row-first")
+    assert stored("table")
+    with override_settings(WARPMESH={"PEERS": [], "ENABLED": False, "ORM": False}):
+        catalogue["second"].save()
+        assert stored("row-second")
+    catalogue["second"].save()  # hooks back after the override
+    assert not stored("row-second")
+
+
+def test_excluded_models_are_not_watched(catalogue: dict[str, Any]) -> None:
+    with override_settings(
+        WARPMESH={"PEERS": [], "ENABLED": False, "ORM_EXCLUDE": ["testapp.Product"]}
+    ):
+        fill(catalogue)
+        catalogue["first"].save()
+        Product.objects.update(price=3)
+        assert stored("row-first")
+        assert stored("table")
+        catalogue["books"].save()
+        assert not stored("category")
+
+
+def test_a_failed_save_leaves_no_claim_behind(catalogue: dict[str, Any]) -> None:
+    broken = Product(name="broken", price="not a number")  # type: ignore[misc]
+    with pytest.raises((ValueError, TypeError)):
+        broken.save()  # fails after pre_save, before any SQL
+    fill(catalogue)
+    Product.objects.filter(pk=catalogue["second"].pk).update(price=99)
+    assert not stored("row-second")
+
+
+def test_receiver_writes_during_a_save_are_not_swallowed(catalogue: dict[str, Any]) -> None:
+    from django.db.models.signals import pre_save
+
+    def bump_others(sender: type[Product], instance: Product, **kwargs: Any) -> None:
+        Product.objects.exclude(pk=instance.pk).update(price=0)
+
+    pre_save.connect(bump_others, sender=Product, dispatch_uid="test-bump")
+    try:
+        fill(catalogue)
+        catalogue["first"].save()
+    finally:
+        pre_save.disconnect(sender=Product, dispatch_uid="test-bump")
+    assert not stored("row-second")
+
+
+# -- transactions -------------------------------------------------------------------------------
+
+
+def test_atomic_invalidates_at_once_and_again_on_commit(catalogue: dict[str, Any]) -> None:
+    fill(catalogue)
+    first = catalogue["first"]
+    with transaction.atomic():
+        first.price = 50
+        first.save()
+        assert not stored("row-first")  # at once: peers stop serving the old row now
+        # Another connection still sees the committed (old) row and caches it...
+        in_other_thread(
+            lambda: cache.set(
+                "row-first", Product.objects.get(pk=first.pk).price, tags=[Product(pk=first.pk)]
+            )
+        )
+        assert stored("row-first")
+        # ... while this thread's own uncommitted value is not stored.
+        cache.set("mine", Product.objects.get(pk=first.pk).price, tags=[first])
+        assert not stored("mine")
+    # ...and the commit evicts what was read before it.
+    assert not stored("row-first")
+    cache.set("mine", 50, tags=[first])
+    assert stored("mine")
+
+
+def test_rollback_leaves_nothing_stale(catalogue: dict[str, Any]) -> None:
+    first = catalogue["first"]
+
+    def write_and_cache() -> None:
+        first.price = 77
+        first.save()
+        cache.set("mine", Product.objects.get(pk=first.pk).price, tags=[first])
+
+    roll_back_a_savepoint(write_and_cache)  # the outermost atomic here: a real rollback
+    assert not stored("mine")
+    assert Product.objects.get(pk=first.pk).price == 10
+    # The error inside atomic left no per-thread state: caching works again.
+    cache.set("mine", 10, tags=[first])
+    assert stored("mine")
+
+
+def roll_back_a_savepoint(write: Callable[[], object]) -> None:
+    class Rollback(Exception):
+        pass
+
+    def write_then_fail() -> None:
+        write()
+        raise Rollback
+
+    with contextlib.suppress(Rollback), transaction.atomic():
+        write_then_fail()
+
+
+def test_savepoints_and_nested_atomics(catalogue: dict[str, Any]) -> None:
+    first, second = catalogue["first"], catalogue["second"]
+    with transaction.atomic():
+        roll_back_a_savepoint(lambda: Product.objects.filter(pk=second.pk).update(price=1))
+        first.price = 2
+        first.save()
+        # This thread's own uncommitted rows (even the rolled-back savepoint's) are refused...
+        for key, tag in (("first", first), ("second", second), ("named", "homepage")):
+            cache.set(key, 1, tags=[tag])
+        assert not stored("first")
+        assert not stored("second")
+        assert stored("named")
+    # ...until the outermost transaction is over.
+    cache.set("first", 2, tags=[first])
+    assert stored("first")
+    assert Product.objects.get(pk=second.pk).price == 20
+
+
+# -- the fill race ------------------------------------------------------------------------------
+
+
+def test_a_value_computed_across_a_write_is_not_stored(catalogue: dict[str, Any]) -> None:
+    first = catalogue["first"]
+
+    def compute_while_someone_writes() -> int:
+        price = Product.objects.get(pk=first.pk).price  # the read: old data
+        in_other_thread(lambda: Product.objects.filter(pk=first.pk).update(price=99))
+        return price
+
+    value = cache.get_or_set("price", compute_while_someone_writes, tags=[first])
+    assert value == 10  # returned to the caller...
+    assert not stored("price")  # ...but not cached
+    assert cache.get_or_set("price", lambda: 99, tags=[first]) == 99
+    assert stored("price")
+
+
+def test_an_invalidation_from_a_peer_during_the_fill(catalogue: dict[str, Any]) -> None:
+    first = catalogue["first"]
+    store = get_store("default")
+
+    def compute() -> int:
+        # What the receiver thread does when a peer's frame arrives.
+        store.apply([Op("default", OpCode.TAGS, [table_tag("testapp_product")])])
+        return 1
+
+    assert cache.get_or_set("p", compute, tags=[first]) == 1
+    assert not stored("p")
+
+    def unrelated() -> int:
+        store.apply([Op("default", OpCode.TAGS, [row_tag("testapp_product", -1)])])
+        return 2
+
+    assert cache.get_or_set("p", unrelated, tags=[first]) == 2
+    assert stored("p")  # another row's write does not concern this one
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def test_cached_queryset_is_tagged_with_every_table_it_reads(catalogue: dict[str, Any]) -> None:
+    queryset = Product.objects.filter(category__name="books").order_by("pk")
+    calls = 0
+
+    def products() -> list[Product]:
+        nonlocal calls
+        calls += 1
+        return cached_queryset(queryset)
+
+    assert [p.name for p in products()] == ["first"]
+    assert [p.name for p in products()] == ["first"]
+    # The join: a write to categories evicts it, as one to products does.
+    games = catalogue["games"]
+    games.name = "books"
+    games.save()
+    assert [p.name for p in cached_queryset(queryset)] == ["first", "second"]
+    Tag.objects.create(name="first")
+    with_subquery = Product.objects.filter(name__in=Tag.objects.values("name")).order_by("pk")
+    assert cached_queryset(with_subquery) == [catalogue["first"]]
+    Tag.objects.create(name="second")  # a write to the subquery's table only
+    assert cached_queryset(with_subquery) == [catalogue["first"], catalogue["second"]]
+    assert cached_queryset(Product.objects.none()) == []
+
+
+def test_cached_as(catalogue: dict[str, Any]) -> None:
+    calls: list[int] = []
+
+    @cached_as(Product, timeout=60)
+    def total(multiplier: int) -> int:
+        calls.append(multiplier)
+        return multiplier * sum(p.price for p in Product.objects.all())
+
+    assert total(2) == 60
+    assert total(2) == 60
+    assert total(3) == 90
+    assert calls == [2, 3]
+    catalogue["second"].save()
+    assert total(2) == 60
+    assert calls == [2, 3, 2]
+    total.invalidate()  # type: ignore[attr-defined]
+    total(2)
+    assert calls == [2, 3, 2, 2]
+    with pytest.raises(TypeError, match="cache key"):
+        total(threading.Lock())  # type: ignore[arg-type]
+
+
+def test_async_twins_take_tags(catalogue: dict[str, Any]) -> None:
+    import asyncio
+
+    first = catalogue["first"]
+
+    async def fill_async() -> None:
+        await cache.aset("a-set", 1, tags=[first])
+        await cache.aadd("a-add", 2, tags=[Product])
+        await cache.aset_many({"a-many": 3}, tags=["named"])
+        assert await cache.aget_or_set("a-gos", lambda: 4, tags=[first]) == 4
+
+    asyncio.run(fill_async())
+    assert all(stored(k) for k in ("a-set", "a-add", "a-many", "a-gos"))
+    invalidate(first)
+    assert not any(stored(k) for k in ("a-set", "a-add", "a-gos"))
+    assert stored("a-many")
+
+
+def test_cached_queryset_with_a_key_does_not_compile_on_a_hit(
+    catalogue: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queryset = Product.objects.filter(category__name="books").order_by("pk")
+    assert [p.name for p in cached_queryset(queryset, key="books")] == ["first"]
+    from django.db.models.sql.compiler import SQLCompiler
+
+    def no_compiling(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a hit compiled the query")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SQLCompiler, "as_sql", no_compiling)
+        assert [p.name for p in cached_queryset(queryset, key="books")] == ["first"]
+    # Still tagged with both tables: a category write evicts it.
+    games = catalogue["games"]
+    games.name = "books"
+    games.save()
+    assert [p.name for p in cached_queryset(queryset, key="books")] == ["first", "second"]

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from django.db import models
+
+
+class Category(models.Model):
+    name = models.CharField(max_length=100)
+
+
+class Product(models.Model):
+    name = models.CharField(max_length=100)
+    price = models.IntegerField(default=0)
+    category = models.ForeignKey(Category, null=True, on_delete=models.CASCADE)
+    tags = models.ManyToManyField("Tag", blank=True)  # type: ignore[var-annotated]
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=50)
