@@ -1,0 +1,455 @@
+"""2. End-to-end invalidation latency, and 4. scale: one fleet of N processes per size.
+
+Per fleet, in this order: the scale measurements (mesh only: latency with the CPU it costs, memory,
+CPU at rest), then, for N up to 8, the mesh side by side with raw nng, Redis Pub/Sub and NATS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from benchmarks.common import (
+    Distribution,
+    Section,
+    Table,
+    Target,
+    fmt_mb,
+    fmt_pct,
+    fmt_ratio,
+    fmt_us,
+    median,
+    ratio,
+)
+from benchmarks.procs import Worker, mesh_fleet, spawn
+from tests.cluster import free_ports
+
+T = TypeVar("T")
+SYSTEMS = ("mesh", "nng", "redis", "nats")
+LABELS = {
+    "mesh": "django-warpmesh",
+    "nng": "raw nng Bus0 (floor)",
+    "redis": "Redis Pub/Sub",
+    "nats": "NATS",
+}
+REDIS_URL = "redis://127.0.0.1:6379/15"
+NATS_URL = "nats://127.0.0.1:4222"
+GAP_S = (0.002, 0.004)
+WAIT_S = 5.0
+
+
+LATENCY_INTRO = """
+For each N, N worker processes form a mesh on 127.0.0.1 (static `PEERS`, default settings).
+Process 0 writes, the N-1 others receive. A round: every receiver stores a key locally (nothing
+is broadcast); the writer reads `time.monotonic_ns()` just before `cache.set(key, new value)`;
+each receiver's store, wrapped by the benchmark, notes the moment the key is gone. Rounds are
+2-4 ms apart (random), so each invalidation travels alone. Every sample is one (round,
+receiver) pair. Beside it, the same job through raw nng `Bus0` (the floor: same sockets, no
+protocol), Redis Pub/Sub (redis-py, a subscriber thread) and NATS (nats-py, asyncio on its own
+thread): publish the key, every subscriber pops it from a dict. The four run in interleaved
+blocks of rounds on the same processes, so a slow moment of the host is shared by all.
+"""
+
+SCALE_INTRO = """
+The mesh alone on fleets of 2 to 16 processes (on 2 cores): latency as above; the CPU each
+process spent during those rounds, per invalidation; each process's RSS against a worker with
+`ENABLED` false that did the same (same imports, same cache use); then the CPU of every process
+of the fleet over a window in which nothing is written.
+"""
+
+
+# What a message costs on the mesh's path beyond the socket, named in the limits of the targets.
+MESH_WORK = (
+    "the mesh's Python work per message (waking the sender thread, coalescing, msgpack and "
+    "HMAC-SHA256 on both ends, sequence checks; and every frame arrives twice, over the two "
+    "pipes joining each pair)"
+)
+
+
+@dataclasses.dataclass
+class Plan:
+    sizes: tuple[int, ...]
+    compare_up_to: int
+    scale_rounds: int
+    compare_blocks: int
+    block_rounds: int
+    idle_s: float
+    warmup_rounds: int = 20
+
+
+FULL = Plan(
+    sizes=(2, 4, 8, 16),
+    compare_up_to=8,
+    scale_rounds=400,
+    compare_blocks=5,
+    block_rounds=100,
+    idle_s=5.0,
+)
+QUICK = Plan(
+    sizes=(2, 4, 8, 16),
+    compare_up_to=8,
+    scale_rounds=100,
+    compare_blocks=2,
+    block_rounds=40,
+    idle_s=1.5,
+    warmup_rounds=10,
+)
+
+
+@dataclasses.dataclass
+class Rounds:
+    """Latency samples (µs) of one system on one fleet, keys that never went, and the CPU
+    each process spent on them beyond its idle rate (seconds, writer first)."""
+
+    samples: list[float] = dataclasses.field(default_factory=list)
+    lost: int = 0
+    rounds: int = 0
+    cpu_s: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, other: Rounds, cpu_s: Sequence[float]) -> None:
+        self.samples += other.samples
+        self.lost += other.lost
+        self.rounds += other.rounds
+        self.cpu_s = [a + b for a, b in itertools.zip_longest(self.cpu_s, cpu_s, fillvalue=0.0)]
+
+    def cpu_us(self, receivers: bool) -> float:
+        """CPU per message: the writer's, or the median receiver's (µs)."""
+        if not self.rounds or not self.cpu_s:
+            return math.nan
+        spent = median(self.cpu_s[1:]) if receivers else self.cpu_s[0]
+        return spent / self.rounds * 1e6
+
+
+@dataclasses.dataclass
+class ScaleRow:
+    size: int
+    latency: Rounds  # mesh only, with its CPU
+    rss: float  # median RSS of the fleet's processes
+    idle_pct: list[float]  # each process's CPU over the idle window, % of one core
+
+
+def _system_config(system: str, index: int, addresses: Sequence[str], tag: str) -> dict[str, Any]:
+    if system == "nng":
+        return {"address": addresses[index], "peers": list(addresses)}
+    if system == "redis":
+        return {"channel": f"warpmesh-bench-{tag}", "url": REDIS_URL}
+    if system == "nats":
+        return {"subject": f"warpmesh-bench.{tag}", "url": NATS_URL}
+    return {}
+
+
+def _rounds(
+    system: str, workers: Sequence[Worker], keys: list[str], within: float = WAIT_S
+) -> Rounds:
+    """Arm ``keys`` on the receivers, write them on the writer, collect when each went."""
+    writer, *receivers = workers
+    for receiver in receivers:
+        receiver.call("transports:arm", system=system, keys=keys)
+    gaps = [random.uniform(*GAP_S) for _ in keys] if len(keys) > 1 else [0.0]
+    sent = writer.call(
+        "transports:write", timeout=60 + 2 * sum(gaps), system=system, keys=keys, gaps=gaps
+    )
+    result = Rounds(rounds=len(keys))
+    for receiver in receivers:
+        gone = receiver.call(
+            "transports:wait", timeout=within + 30, system=system, keys=keys, within=within
+        )
+        for key, started in zip(keys, sent, strict=True):
+            went = gone[key]
+            if went is None:
+                result.lost += 1
+            else:
+                result.samples.append((went - started) / 1000)
+    return result
+
+
+def _open(system: str, workers: Sequence[Worker], warmup: int) -> None:
+    """Open ``system`` in every worker; publish until every receiver hears; warm it up."""
+    tag = uuid.uuid4().hex[:12]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(len(workers))]
+    for index, worker in enumerate(workers):
+        config = _system_config(system, index, addresses, tag)
+        worker.call("transports:open_transport", system=system, **config)
+    deadline = time.monotonic() + 30
+    for attempt in itertools.count():
+        if not _rounds(system, workers, [f"ready-{tag}-{attempt}"], within=0.5).lost:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{system}: the receivers never heard the writer")
+    _rounds(system, workers, [f"warm-{tag}-{i}" for i in range(warmup)])
+
+
+def _close(system: str, workers: Sequence[Worker]) -> None:
+    for worker in workers:
+        if worker.proc.poll() is None:
+            try:
+                worker.call("transports:close_transport", timeout=10, system=system)
+            except Exception as exc:
+                print(f"  ({worker.name}: closing {system} failed: {exc})")
+
+
+def _cpu(workers: Sequence[Worker]) -> list[float]:
+    return [worker.call("worker:resources")["cpu_s"] for worker in workers]
+
+
+def _cpu_between(
+    workers: Sequence[Worker], action: Callable[[], T]
+) -> tuple[T, list[float], float]:
+    """Run ``action``: its result, the CPU-seconds each worker spent meanwhile, the seconds."""
+    before, started = _cpu(workers), time.monotonic()
+    result = action()
+    elapsed = time.monotonic() - started
+    return result, [a - b for a, b in zip(_cpu(workers), before, strict=True)], elapsed
+
+
+def _beyond_idle(
+    spent: Sequence[float], spent_s: float, idle: Sequence[float], idle_s: float
+) -> list[float]:
+    """CPU-seconds spent beyond what the same process burns idle over as long."""
+    return [max(0.0, cpu - rest / idle_s * spent_s) for cpu, rest in zip(spent, idle, strict=True)]
+
+
+def _scale(workers: Sequence[Worker], plan: Plan) -> ScaleRow:
+    """Mesh latency with the CPU it costs, then memory, then CPU at rest."""
+    _open("mesh", workers, plan.warmup_rounds)
+    keys = [f"scale-{i}" for i in range(plan.scale_rounds)]
+    latency, busy, busy_s = _cpu_between(workers, functools.partial(_rounds, "mesh", workers, keys))
+    rss = median([worker.call("worker:resources")["rss"] for worker in workers])
+    time.sleep(1.0)  # let the last frames and heartbeats pass before the idle window
+    _, idle, idle_s = _cpu_between(workers, functools.partial(time.sleep, plan.idle_s))
+    latency.cpu_s = _beyond_idle(busy, busy_s, idle, idle_s)
+    return ScaleRow(len(workers), latency, rss, [rest / idle_s * 100 for rest in idle])
+
+
+def _compare(workers: Sequence[Worker], plan: Plan, errors: list[str]) -> dict[str, Rounds]:
+    """The four systems side by side, in interleaved blocks of rounds, with their CPU."""
+    systems = ["mesh"]
+    for system in SYSTEMS[1:]:
+        try:
+            _open(system, workers, plan.warmup_rounds)
+            systems.append(system)
+        except Exception as exc:
+            errors.append(f"{LABELS[system]}, {len(workers)} processes: {exc}")
+            _close(system, workers)
+    try:
+        # What each process burns with every system open and nothing happening, per second.
+        _, idle, idle_s = _cpu_between(workers, functools.partial(time.sleep, 1.0))
+        results = {system: Rounds() for system in systems}
+        for block in range(plan.compare_blocks):
+            for system in systems:
+                keys = [f"cmp-{block}-{i}" for i in range(plan.block_rounds)]
+                measured, spent, spent_s = _cpu_between(
+                    workers, functools.partial(_rounds, system, workers, keys)
+                )
+                results[system].add(measured, _beyond_idle(spent, spent_s, idle, idle_s))
+        return results
+    finally:
+        for system in systems[1:]:
+            _close(system, workers)
+
+
+def control_rss(plan: Plan) -> float:
+    """RSS of a worker with the mesh off that did what a fleet worker did, minus the mesh."""
+    (control,) = spawn([("mesh-off", {"ENABLED": False}, None)])
+    try:
+        control.call("transports:open_transport", system="mesh")
+        control.call(
+            "transports:arm", system="mesh", keys=[f"k{i}" for i in range(plan.scale_rounds)]
+        )
+        return float(control.call("worker:resources")["rss"])
+    finally:
+        control.close()
+
+
+def run(quick: bool) -> tuple[Section, Section]:
+    plan = QUICK if quick else FULL
+    latency = Section(2, "End-to-end invalidation latency", intro=LATENCY_INTRO)
+    scale = Section(4, "Scale: 2 to 16 processes", intro=SCALE_INTRO)
+    errors: list[str] = []
+    baseline_rss = control_rss(plan)
+    scale_rows: list[ScaleRow] = []
+    compared: dict[int, dict[str, Rounds]] = {}
+    for size in plan.sizes:
+        print(f"  fleet of {size} processes")
+        try:
+            with mesh_fleet(size) as workers:
+                scale_rows.append(_scale(workers, plan))
+                if size <= plan.compare_up_to:
+                    compared[size] = _compare(workers, plan, errors)
+        except Exception as exc:
+            errors.append(f"fleet of {size}: {type(exc).__name__}: {exc}")
+    _report_latency(latency, compared)
+    _report_scale(scale, scale_rows, baseline_rss)
+    latency.notes += errors
+    return latency, scale
+
+
+def _report_latency(section: Section, compared: dict[int, dict[str, Rounds]]) -> None:
+    table = Table(
+        "Write on the writer → key gone on a receiver (all receivers pooled)",
+        [
+            "processes",
+            "system",
+            "p50",
+            "p99",
+            "max",
+            "p50 ÷ raw nng",
+            "writer CPU / message",
+            "receiver CPU / message",
+            "samples",
+            "never arrived",
+        ],
+    )
+    floor_ratio: dict[int, float] = {}
+    for size, results in compared.items():
+        floor = Distribution.of(results["nng"].samples).p50 if "nng" in results else math.nan
+        for system, rounds in results.items():
+            dist = Distribution.of(rounds.samples)
+            table.add(
+                size,
+                LABELS[system],
+                fmt_us(dist.p50),
+                fmt_us(dist.p99),
+                fmt_us(dist.max),
+                fmt_ratio(ratio(dist.p50, floor)),
+                fmt_us(rounds.cpu_us(receivers=False)),
+                fmt_us(rounds.cpu_us(receivers=True)),
+                dist.count,
+                rounds.lost,
+            )
+            section.samples[f"{size} processes, side by side|{LABELS[system]}"] = rounds.samples
+        floor_ratio[size] = ratio(Distribution.of(results["mesh"].samples).p50, floor)
+    table.notes.append(
+        "Clock: CLOCK_MONOTONIC read by the writer just before the write and by the receiver "
+        "just after the key left its store (one clock for all processes of a host). CPU per "
+        "message: the process's CPU time during the blocks of that system, less its idle rate "
+        "(measured with every system open) over as long, per message; the receiver column is "
+        "the median receiver. It includes the benchmark's own control calls, alike for all."
+    )
+    section.tables.append(table)
+
+    def per_size(values: dict[int, str]) -> str:
+        return ", ".join(f"{size} processes: {text}" for size, text in values.items())
+
+    mesh = {size: Distribution.of(r["mesh"].samples) for size, r in compared.items()}
+    section.targets.append(
+        Target(
+            "latency p50 within 1.5x of raw nng",
+            per_size({size: fmt_ratio(value) for size, value in floor_ratio.items()}),
+            all(value <= 1.5 for value in floor_ratio.values()) if floor_ratio else None,
+            MESH_WORK + ": raw nng has none of it, and sends from the writing thread",
+        )
+    )
+    beats: dict[int, str] = {}
+    met = True
+    for size, results in compared.items():
+        others = {
+            s: Distribution.of(results[s].samples).p50 for s in ("redis", "nats") if s in results
+        }
+        met = met and len(others) == 2 and all(mesh[size].p50 < value for value in others.values())
+        beats[size] = f"{fmt_us(mesh[size].p50)} vs " + " / ".join(
+            f"{LABELS[s]} {fmt_us(v)}" for s, v in others.items()
+        )
+    section.targets.append(
+        Target(
+            "latency p50 below Redis Pub/Sub and NATS",
+            per_size(beats),
+            met if compared else None,
+            "a broker adds a network hop, but Redis and NATS are native code and their "
+            "clients do no cryptography: " + MESH_WORK + " costs more than that hop here",
+        )
+    )
+    section.targets.append(
+        Target(
+            "latency p99 under 1 ms on loopback",
+            per_size({size: fmt_us(dist.p99) for size, dist in mesh.items()}),
+            all(dist.p99 < 1000 for dist in mesh.values()) if mesh else None,
+            "the scheduler: N processes' threads share 2 cores (and the host's other load), "
+            "each message wakes several threads, each of which may wait for a core; raw nng's "
+            "p99 in the same run: "
+            + per_size(
+                {
+                    size: fmt_us(Distribution.of(r["nng"].samples).p99)
+                    for size, r in compared.items()
+                    if "nng" in r
+                }
+            ),
+        )
+    )
+
+
+def _report_scale(section: Section, rows: list[ScaleRow], baseline_rss: float) -> None:
+    table = Table(
+        "The mesh alone, by fleet size",
+        [
+            "processes",
+            "latency p50",
+            "p99",
+            "max",
+            "writer CPU / invalidation",
+            "receiver CPU / invalidation (median)",
+            "RSS (median)",
+            "RSS the mesh adds",
+            "idle CPU per process (median / max)",
+        ],
+    )
+    for row in rows:
+        dist = Distribution.of(row.latency.samples)
+        table.add(
+            row.size,
+            fmt_us(dist.p50),
+            fmt_us(dist.p99),
+            fmt_us(dist.max),
+            fmt_us(row.latency.cpu_us(receivers=False)),
+            fmt_us(row.latency.cpu_us(receivers=True)),
+            fmt_mb(row.rss),
+            fmt_mb(row.rss - baseline_rss),
+            f"{fmt_pct(median(row.idle_pct))} / {fmt_pct(max(row.idle_pct))}",
+        )
+        section.samples[f"django-warpmesh alone, 2 to 16 processes|{row.size} processes"] = (
+            row.latency.samples
+        )
+    table.notes.append(
+        "CPU: each process's CPU time, all threads, read by the process itself "
+        "(CLOCK_PROCESS_CPUTIME_ID: utime+stime of /proc/self/stat, in ns rather than ticks). Per "
+        "invalidation: the CPU spent during the latency rounds minus what the same process "
+        "burns idle over as long, divided by the rounds (it still includes the benchmark's "
+        "two control calls per process). RSS the mesh adds: median RSS of the fleet minus a "
+        f"process with ENABLED false that did the same ({fmt_mb(baseline_rss)}). Idle: "
+        "nothing written, heartbeats every second (the default)."
+    )
+    section.tables.append(table)
+    if not rows:
+        section.targets += [
+            Target("memory the mesh adds under 10 MB per process", "no fleet ran", None),
+            Target("idle CPU under 1% of a core", "no fleet ran", None),
+        ]
+        return
+    worst_rss = max(row.rss - baseline_rss for row in rows)
+    worst_idle = max(max(row.idle_pct) for row in rows)
+    sizes = f"{rows[0].size}-{rows[-1].size} processes"
+    section.targets.append(
+        Target(
+            f"memory the mesh adds under 10 MB per process ({sizes})",
+            f"at most {fmt_mb(worst_rss)}",
+            worst_rss < 10 * 2**20,
+            "nng's own threads and buffers, sized by BUFFER_SIZE",
+        )
+    )
+    section.targets.append(
+        Target(
+            f"idle CPU under 1% of a core ({sizes})",
+            f"at most {fmt_pct(worst_idle)}",
+            worst_idle < 1.0,
+            "what an idle node does: its receiver thread's periodic receive timeouts (each "
+            "wakes nng's two aio-expire threads and the Python thread) and a heartbeat per "
+            "peer per second, received over two pipes from each peer: it grows with the fleet",
+        )
+    )

@@ -1,0 +1,206 @@
+"""5. ORM: a cached queryset hit against running the same query, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.common import Section, Table, Target, compare_timings, fmt_ns, fmt_ratio, ratio
+from benchmarks.procs import Worker, alone_config
+
+ROWS = 10_000
+CATEGORIES = 100
+READS = {
+    "one row by primary key": "pk",
+    "20 rows: filter + order_by + slice": "page",
+}
+WRITE = "save() of one row (no cache involved)"
+
+# How the cached side reads: the tag-aware helper a user would call (it compiles the query to
+# build its key and find the tables it reads, then reads this process's memory).
+CACHED_READ_LABEL = (
+    "`cached_queryset(qs, key=...)` (tagged with every table read; a hit is a plain cache read)"
+)
+
+INTRO = f"""
+One worker per database with the mesh on (a real node, alone), a table of {ROWS:,} rows. Each
+read is timed as a query (`list(qs)`, a new queryset each time, as a request would build it) and
+as a hit of the cached version: {CACHED_READ_LABEL}, through MeshCache. Timing as in section 1
+(calibrated loops, best-of-rounds medians, interleaved). SQLite is a file on local disk;
+PostgreSQL is 127.0.0.1:5432 (database `test`), a table created and dropped by the benchmark.
+
+The workers do not install the ORM hooks (`django_warpmesh` is not in their `INSTALLED_APPS`):
+the `save()` row is the plain write cost. What the hooks add to writes is measured by
+`python -m benchmarks.orm_overhead` (hooks on and off in alternating batches, same process,
+same database); its numbers are in [Tags and the ORM](orm.md#overhead-on-writes).
+"""
+
+# -- in the worker ---------------------------------------------------------------------------
+
+
+def _queryset(kind: str, i: int) -> Any:
+    from benchmarks.models import BenchItem
+
+    if kind == "pk":
+        return BenchItem.objects.filter(pk=1 + (i * 7919) % ROWS)
+    return BenchItem.objects.filter(category=i % CATEGORIES).order_by("id")[:20]
+
+
+def cached_read(key: str, make_queryset: Callable[[], Any]) -> list[Any]:
+    """The cached read under test."""
+    from django_warpmesh.helpers import cached_queryset
+
+    return cached_queryset(make_queryset(), None, cache="mesh", key=key)
+
+
+def setup() -> dict[str, str]:
+    """Create and fill the table (dropping a leftover of an interrupted run first)."""
+    from django.db import connection
+
+    from benchmarks.models import BenchItem
+
+    teardown()
+    with connection.schema_editor() as editor:
+        editor.create_model(BenchItem)
+    BenchItem.objects.bulk_create(
+        [BenchItem(name=f"item {i}", category=i % CATEGORIES, price=i % 997) for i in range(ROWS)],
+        batch_size=1000,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+    return {"vendor": connection.vendor, "version": _server_version()}
+
+
+def _server_version() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SHOW server_version")
+        else:
+            cursor.execute("SELECT sqlite_version()")
+        return str(cursor.fetchone()[0])
+
+
+def teardown() -> None:
+    from django.db import connection
+
+    from benchmarks.models import BenchItem
+
+    if BenchItem._meta.db_table in connection.introspection.table_names():
+        with connection.schema_editor() as editor:
+            editor.delete_model(BenchItem)
+
+
+def measure(min_time: float, rounds: int, loops: int) -> dict[str, float]:
+    from benchmarks.models import BenchItem
+
+    def query(kind: str) -> Callable[[int], int]:
+        def run(count: int) -> int:
+            from benchmarks.common import timed_calls
+
+            return timed_calls(lambda i: list(_queryset(kind, i)), range(count))
+
+        return run
+
+    def hit(kind: str) -> Callable[[int], int]:
+        # The same few keys over and over: after the first loop, every read is a hit.
+        def run(count: int) -> int:
+            from benchmarks.common import timed_calls
+
+            def read(i: int) -> object:
+                slot = i % 10
+                return cached_read(f"orm:{kind}:{slot}", lambda: _queryset(kind, slot))
+
+            return timed_calls(read, range(count))
+
+        return run
+
+    items = list(BenchItem.objects.order_by("id")[:100])
+
+    def save(count: int) -> int:
+        from benchmarks.common import timed_calls
+
+        def write(i: int) -> None:
+            item = items[i % len(items)]
+            item.price = i
+            item.save(update_fields=["price", "updated"])
+
+        return timed_calls(write, range(count))
+
+    runs: dict[str, Callable[[int], int]] = {}
+    for label, kind in READS.items():
+        runs[f"{label}|query"] = query(kind)
+        runs[f"{label}|hit"] = hit(kind)
+    runs[WRITE] = save
+    return compare_timings(runs, min_time=min_time, rounds=rounds, loops=loops)
+
+
+# -- in the parent ---------------------------------------------------------------------------
+
+
+def _database(name: str, env: dict[str, str], timing: dict[str, Any]) -> dict[str, Any]:
+    worker = Worker(f"orm-{name}", alone_config(), env)
+    try:
+        worker.call("worker:start_node")
+        info = worker.call("orm:setup", timeout=300)
+        try:
+            return {**info, "ns": worker.call("orm:measure", timeout=600, **timing)}
+        finally:
+            worker.call("orm:teardown", timeout=60)
+    finally:
+        worker.close()
+
+
+def run(quick: bool) -> Section:
+    timing = (
+        {"min_time": 0.02, "rounds": 3, "loops": 3}
+        if quick
+        else {"min_time": 0.05, "rounds": 5, "loops": 3}
+    )
+    section = Section(5, "ORM: cached queryset hit vs the query", intro=INTRO)
+    directory = tempfile.mkdtemp(prefix="warpmesh-bench-orm-")
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        databases = {
+            "SQLite": {
+                "BENCH_DB": "sqlite",
+                "BENCH_SQLITE_PATH": os.path.join(directory, "bench.sqlite3"),
+            },
+            "PostgreSQL": {"BENCH_DB": "postgresql"},
+        }
+        for name, env in databases.items():
+            print(f"  {name}")
+            try:
+                results[name] = _database(name, env, timing)
+            except Exception as exc:
+                section.notes.append(f"{name} not measured: {str(exc).splitlines()[0]}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    table = Table(
+        "Cost per read (lower is better)",
+        ["database", "read", "query", "cached hit", "query ÷ hit"],
+    )
+    for name, result in results.items():
+        ns = result["ns"]
+        for label in READS:
+            query, hit = ns[f"{label}|query"], ns[f"{label}|hit"]
+            table.add(name, label, fmt_ns(query), fmt_ns(hit), fmt_ratio(ratio(query, hit)))
+        table.add(name, WRITE, fmt_ns(ns[WRITE]), "", "")
+    table.notes.append(
+        "Servers: "
+        + ", ".join(f"{name} {result['version']}" for name, result in results.items())
+        + "."
+    )
+    section.tables.append(table)
+    section.targets.append(
+        Target(
+            "ORM: cached hit vs query, and the write-path overhead of the ORM hooks",
+            "no numeric target in the issue; write hooks: benchmarks/orm_overhead.py (docs/orm.md)",
+            None,
+        )
+    )
+    return section

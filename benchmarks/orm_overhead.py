@@ -1,0 +1,102 @@
+"""What the ORM hooks (signals + execute wrapper) add to plain ORM writes and reads.
+
+    .venv/bin/python -m benchmarks.orm_overhead [--database sqlite|postgresql] [--rounds 5]
+
+Each operation runs in batches with the hooks installed and uninstalled, alternating, in the same
+process and on the same database; the best batch of each is kept (least disturbed by the rest of
+the machine) and the difference reported per operation. The mesh itself is disabled: this is the
+cost on the request thread, which is all the hooks add there (sending happens on another thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OPS = 400
+
+
+def configure(database: str) -> None:
+    os.environ["WARPMESH_TEST_DB"] = database
+    if database == "sqlite":
+        path = Path(tempfile.mkdtemp(prefix="warpmesh-orm-")) / "bench.sqlite3"
+        os.environ["WARPMESH_SQLITE_PATH"] = str(path)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def operations() -> dict[str, Callable[[int], None]]:
+    from tests.testapp.models import Category, Product
+
+    category = Category.objects.create(name="bench")
+    products = [Product.objects.create(name=f"p{i}", price=i, category=category) for i in range(50)]
+
+    def save(i: int) -> None:
+        product = products[i % len(products)]
+        product.price = i
+        product.save()
+
+    def create_and_delete(i: int) -> None:
+        Product.objects.create(name="tmp", price=i).delete()
+
+    def update(i: int) -> None:
+        Product.objects.filter(pk=products[i % len(products)].pk).update(price=i)
+
+    def bulk_create(i: int) -> None:
+        Product.objects.bulk_create([Product(name="bulk", price=j) for j in range(20)])
+        if i % 10 == 9:
+            Product.objects.filter(name="bulk")._raw_delete(Product.objects.db)
+
+    def select(i: int) -> None:
+        Product.objects.filter(pk=products[i % len(products)].pk).first()
+
+    return {
+        "save() one row": save,
+        "create() + delete()": create_and_delete,
+        "QuerySet.update()": update,
+        "bulk_create(20)": bulk_create,
+        "SELECT by pk (read)": select,
+    }
+
+
+def batch(op: Callable[[int], None]) -> float:
+    started = time.perf_counter()
+    for i in range(OPS):
+        op(i)
+    return (time.perf_counter() - started) / OPS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    configure(args.database)
+    from django_warpmesh import orm
+
+    print(f"ORM hook overhead, {args.database}, {OPS} ops per batch, best of {args.rounds}:")
+    print(f"{'operation':<24}{'hooks off':>12}{'hooks on':>12}{'overhead':>12}{'ratio':>8}")
+    for name, op in operations().items():
+        with_hooks, without = [], []
+        for _ in range(args.rounds):
+            orm.uninstall()
+            without.append(batch(op))
+            orm.install()
+            with_hooks.append(batch(op))
+        off, on = min(without) * 1e6, min(with_hooks) * 1e6
+        print(f"{name:<24}{off:>10.1f}us{on:>10.1f}us{on - off:>+10.1f}us{on / off:>8.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

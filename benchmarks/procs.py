@@ -1,0 +1,202 @@
+"""Benchmark worker processes: spawned, driven with a deadline on every call, always reaped.
+
+Unlike the test suite's :class:`tests.cluster.MeshProcess`, every read here has a timeout: a
+benchmark must end even when a process hangs, so a call that does not answer in time kills its
+worker and raises :class:`WorkerError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tests.cluster import ROOT, free_ports, wait_for
+
+# Every worker still alive, so that the run can kill them all whatever happened.
+_alive: set[Worker] = set()
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One ``python -m benchmarks.worker`` process.
+
+    ``warpmesh`` is its ``WARPMESH`` setting; ``env`` is added to its environment (after every
+    ``WARPMESH_*`` variable of ours is removed, so the parent's environment cannot change it).
+    """
+
+    def __init__(
+        self, name: str, warpmesh: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
+        full_env.update(
+            DJANGO_SETTINGS_MODULE="benchmarks.settings",
+            BENCH_WARPMESH_JSON=json.dumps(warpmesh),
+            PYTHONUNBUFFERED="1",
+            **(env or {}),
+        )
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+        self._buffer = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker"],
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        _alive.add(self)
+        self.pid = self.proc.pid
+        self._hello = False
+
+    def wait_hello(self, timeout: float = 60.0) -> None:
+        if not self._hello:
+            self._read(time.monotonic() + timeout)
+            self._hello = True
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise WorkerError(f"{self.name}: no answer in time; killed. {self.stderr_tail()}")
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if readable:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise WorkerError(f"{self.name} exited: {self.stderr_tail()}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def call(self, function: str, timeout: float = 60.0, **kwargs: Any) -> Any:
+        """Run ``benchmarks.<module>:<function>`` in the worker and return its result."""
+        self.wait_hello()
+        assert self.proc.stdin is not None
+        request = {"call": f"benchmarks.{function}", "kwargs": kwargs}
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise WorkerError(f"{self.name}: cannot send ({exc}): {self.stderr_tail()}") from None
+        reply = self._read(time.monotonic() + timeout)
+        if "error" in reply:
+            raise WorkerError(f"{self.name}: {reply['error']}")
+        return reply["ok"]
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace")
+        return text[-limit:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to stop its node and exit; kill it if it does not within ``timeout``."""
+        try:
+            if self.proc.poll() is None and self._hello:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b'{"call": "exit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            self.kill()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            self._stderr.close()
+            _alive.discard(self)
+
+
+def close_all(workers: Sequence[Worker] | set[Worker]) -> None:
+    for worker in list(workers):
+        worker.close()
+
+
+def kill_everything() -> None:
+    """Last resort at the end of a run: no worker outlives the benchmark."""
+    for worker in list(_alive):
+        worker.kill()
+        _alive.discard(worker)
+
+
+def spawn(specs: Sequence[tuple[str, dict[str, Any], dict[str, str] | None]]) -> list[Worker]:
+    """Start several workers at once (their Django start-ups overlap), then wait for each."""
+    workers: list[Worker] = []
+    try:
+        for name, warpmesh, env in specs:
+            workers.append(Worker(name, warpmesh, env))
+        for worker in workers:
+            worker.wait_hello()
+    except BaseException:
+        close_all(workers)
+        raise
+    return workers
+
+
+def alone_config() -> dict[str, Any]:
+    """A real, started mesh node that knows no other peer (its only listed peer is itself)."""
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    return {"BIND": "127.0.0.1", "PORT": port, "PORT_RANGE": 1, "PEERS": [address]}
+
+
+@contextlib.contextmanager
+def mesh_fleet(
+    size: int, env: dict[str, str] | None = None, connect_timeout: float = 60.0, **warpmesh: Any
+) -> Iterator[list[Worker]]:
+    """``size`` workers on 127.0.0.1, each listing all the others, connected and ready."""
+    ports = free_ports(size)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    specs = [
+        (
+            f"node{index}",
+            {
+                "BIND": "127.0.0.1",
+                "PORT": port,
+                "PORT_RANGE": 1,
+                "PEERS": addresses,
+                **warpmesh,
+            },
+            env,
+        )
+        for index, port in enumerate(ports)
+    ]
+    workers = spawn(specs)
+    try:
+        for worker in workers:
+            started = worker.call("worker:start_node")
+            if not started["enabled"]:
+                raise WorkerError(f"{worker.name}: the mesh did not start: {worker.stderr_tail()}")
+
+        def connected() -> bool:
+            for worker in workers:
+                status = worker.call("worker:mesh_status")
+                if status["connected"] < size - 1 or not status["ready"]:
+                    return False
+            return True
+
+        wait_for(connected, connect_timeout, interval=0.05, message=f"{size} nodes connected")
+        yield workers
+    finally:
+        close_all(workers)

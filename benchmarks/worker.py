@@ -1,0 +1,80 @@
+"""A benchmark worker: one Django process, driven by JSON lines on stdin.
+
+Started by :class:`benchmarks.procs.Worker` as ``python -m benchmarks.worker``. Each request line
+``{"call": "module:function", "kwargs": {...}}`` runs that function of a ``benchmarks`` module in
+this process and gets one reply line ``{"ok": result}`` or ``{"error": "..."}``. Every measurement
+happens in here; the pipes only carry set-up and results.
+
+The few calls every benchmark needs (start the node, is it connected, CPU and memory) live here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+
+def start_node() -> dict[str, Any]:
+    """Start this process's mesh node now (it would start on the first write anyway)."""
+    from django_warpmesh import node as mesh_node
+
+    node = mesh_node.get_node()
+    return {"enabled": node.enabled, "address": getattr(node, "address", None)}
+
+
+def mesh_status() -> dict[str, Any]:
+    import django_warpmesh
+
+    stats = django_warpmesh.mesh_stats()
+    return {
+        "enabled": stats["enabled"],
+        "ready": stats["ready"],
+        "connected": sum(1 for peer in stats["peers"] if peer["connected"]),
+        "counters": {
+            name: value for name, value in stats.items() if isinstance(value, int) and name != "pid"
+        },
+    }
+
+
+def resources() -> dict[str, float]:
+    from benchmarks.common import cpu_seconds, rss_bytes
+
+    return {"cpu_s": cpu_seconds(), "rss": float(rss_bytes())}
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
+    import django
+
+    django.setup()
+    from django.core.cache import caches
+
+    # Instantiate every mesh cache now, as a web process would, so its store exists.
+    for alias in ("mesh", "bulk"):
+        caches[alias].get("warm-up")
+
+    print(json.dumps({"ok": "hello", "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        call = request["call"]
+        if call == "exit":
+            from django_warpmesh import node as mesh_node
+
+            mesh_node.stop_node()
+            print(json.dumps({"ok": True}), flush=True)
+            return
+        module_name, _, function_name = call.rpartition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+            reply = {"ok": function(**request.get("kwargs", {}))}
+        except Exception as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
