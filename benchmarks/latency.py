@@ -68,8 +68,7 @@ of the fleet over a window in which nothing is written.
 # What a message costs on the mesh's path beyond the socket, named in the limits of the targets.
 MESH_WORK = (
     "the mesh's Python work per message (waking the sender thread, coalescing, msgpack and "
-    "HMAC-SHA256 on both ends, sequence checks; and every frame arrives twice, over the two "
-    "pipes joining each pair)"
+    "HMAC-SHA256 on both ends, sequence checks)"
 )
 
 
@@ -448,8 +447,7 @@ def _report_scale(section: Section, rows: list[ScaleRow], baseline_rss: float) -
             f"idle CPU under 1% of a core ({sizes})",
             f"at most {fmt_pct(worst_idle)}",
             worst_idle < 1.0,
-            "what an idle node does: its receiver thread's periodic receive timeouts (each "
-            "wakes nng's two aio-expire threads and the Python thread) and a heartbeat per "
-            "peer per second, received over two pipes from each peer: it grows with the fleet",
+            "what an idle node does: its receiver thread's tick (4 a second) and a heartbeat "
+            "per peer per second, each verified and answered in Python: it grows with the fleet",
         )
     )

@@ -256,7 +256,7 @@ class Outcome:
 
     @property
     def copies(self) -> float:
-        """Copies received of each distinct frame (2: every pair is joined by two pipes)."""
+        """Copies received of each distinct frame (1 once each pair keeps one pipe)."""
         return median([r["frames_received"] / max(1, r["frames"]) for r in self.receivers])
 
     @property

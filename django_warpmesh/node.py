@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -58,6 +59,45 @@ FRAME_BODY_BUDGET = 256 * 1024
 FALLBACK_TIMEOUT = 5.0
 # Repeated events (rejected frames, gaps): at most one log line per kind per this many seconds.
 LOG_EVERY = 60.0
+
+
+class Wakeup:
+    """Wakes the one thread that waits on it; a wake-up that finds it already set is merged.
+
+    A bare lock used as a binary semaphore: half the cost of :class:`threading.Event` (no
+    condition variable) on the path from a cache write to the sender thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already set: one wake-up covers both
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until set or ``timeout`` seconds have passed; True (and clear it) if it was set."""
+        return self._lock.acquire(timeout=timeout)
+
+
+class _Readable:
+    """Waits until a file descriptor (nng's receive-ready descriptor) is readable."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._poll: select.poll | None
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+        else:  # Windows
+            self._poll = None
+
+    def wait(self, timeout_ms: int) -> bool:
+        if self._poll is None:
+            return bool(select.select([self.fd], [], [], timeout_ms / 1000)[0])
+        # A closed socket reads as ready (POLLNVAL): the receive that follows raises Closed.
+        return bool(self._poll.poll(timeout_ms))
 
 
 class Store(Protocol):
@@ -202,11 +242,19 @@ class MeshNode:
         self._lock = threading.Lock()  # guards the queue, peers and pipes; never held over nng
         self._queue: list[tuple[str, OpCode, Any]] = []
         self._overflowed: set[str] = set()
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         self._stop = threading.Event()
         self._seq = 0
         self._peers: dict[bytes, Peer] = {}
         self._pipe_owner: dict[int, bytes] = {}
+        self._pipe_dialed: dict[int, str] = {}  # our dialled pipes: id -> the address dialled
+        # Both sides dial, so two pipes join each pair and every frame would cross twice. Once
+        # both pipes are up, the node with the smaller id hangs up its own dialer ("parks" the
+        # address); it dials again if the other side's pipe goes.
+        self._parked: dict[str, bytes] = {}  # address -> the node whose pipe carries the link
+        self._unpark: set[str] = set()
+        self._closing: list[Any] = []  # dialers to close once the lock is released
+        self._maintain = Wakeup()
         self._live_pipes: set[int] = set()
         self._self_pipes: set[int] = set()
         self._dialers: dict[str, Any] = {}
@@ -239,7 +287,6 @@ class MeshNode:
             reconnect_time_min=50,
             reconnect_time_max=1000,
         )
-        self._socket.recv_timeout = TICK_FAST_MS
         self._socket.add_post_pipe_connect_cb(self._on_pipe_connect)
         self._socket.add_post_pipe_remove_cb(self._on_pipe_remove)
         if not self.observer:
@@ -297,6 +344,7 @@ class MeshNode:
             # The sender sends what is queued, then the goodbye, then exits.
         self._stop.set()
         self._wake.set()
+        self._maintain.set()
         deadline = time.monotonic() + timeout
         current = threading.current_thread()
         sender, receiver, maintenance = self._threads or (None, None, None)
@@ -344,7 +392,10 @@ class MeshNode:
             first = self._expected is None
             self._expected = wanted
             current = dict(self._dialers)
-        for address in wanted - current.keys():
+            for address in set(self._parked) - wanted:
+                del self._parked[address]
+            parked = set(self._parked)
+        for address in wanted - current.keys() - parked:
             self._dial(address)
         for address in current.keys() - wanted:
             dialer = self._dialers.pop(address, None)
@@ -377,7 +428,7 @@ class MeshNode:
             return ""
         if dialer is None:
             return ""
-        for address, candidate in self._dialers.items():
+        for address, candidate in list(self._dialers.items()):
             if candidate is dialer or getattr(candidate, "id", None) == getattr(dialer, "id", -1):
                 return address
         return ""
@@ -394,8 +445,18 @@ class MeshNode:
             self._live_pipes.discard(pipe.id)
             self._self_pipes.discard(pipe.id)
             owner = self._pipe_owner.pop(pipe.id, None)
-            if owner is not None and owner in self._peers:
-                self._peers[owner].pipes.discard(pipe.id)
+            self._pipe_dialed.pop(pipe.id, None)
+            peer = self._peers.get(owner) if owner is not None else None
+            if peer is None:
+                return
+            peer.pipes.discard(pipe.id)
+            if peer.pipes:
+                return
+            # The pipe that carried a parked link went: dial that peer ourselves again.
+            unpark = {a for a, node_id in self._parked.items() if node_id == owner}
+            self._unpark |= unpark
+        if unpark:
+            self._maintain.set()
 
     def _check_ready(self) -> None:
         if self.ready:
@@ -427,7 +488,6 @@ class MeshNode:
             now = self._clock()
             timeout = max(0.0, next_heartbeat - now)
             self._wake.wait(timeout)
-            self._wake.clear()
             stopping = self._stop.is_set()
             try:
                 self._send_pending()
@@ -507,20 +567,21 @@ class MeshNode:
 
     def _run_receiver(self) -> None:
         sock = self._socket
-        timeout = TICK_FAST_MS
+        # Wait on nng's "message ready" descriptor, then take what is queued without blocking:
+        # a blocking nng receive costs an extra thread hand-off inside nng per message, and each
+        # of its timeouts wakes nng's own timer threads too.
+        ready = _Readable(sock.recv_fd)
         while not self._stop.is_set():
             # Tick often only while something is pending (a missing frame's grace period, the
             # start-up window): an idle mesh then wakes 4 times a second, not 20.
             wanted = TICK_FAST_MS if not self.ready or self._missing_pending() else TICK_IDLE_MS
-            if wanted != timeout:
-                sock.recv_timeout = timeout = wanted
+            batch = []
             try:
-                batch = [sock.recv_msg()]
-                with contextlib.suppress(pynng.TryAgain):
-                    while len(batch) < RECV_BATCH:
+                if ready.wait(wanted):
+                    with contextlib.suppress(pynng.TryAgain):
                         batch.append(sock.recv_msg(block=False))
-            except pynng.Timeout:
-                batch = []
+                        while len(batch) < RECV_BATCH and ready.wait(0):
+                            batch.append(sock.recv_msg(block=False))
             except pynng.Closed:
                 return
             except Exception:
@@ -544,8 +605,8 @@ class MeshNode:
         for message in batch:
             self.counters.frames_received += 1
             data = message.bytes
-            # Two pipes join each pair of nodes (both dial), so every frame arrives twice: the
-            # second copy is recognised by its tag, without verifying or parsing it again.
+            # While two pipes join a pair (both dialled; one is hung up soon) a frame arrives
+            # twice: the second copy is known by its tag, without verifying or parsing it again.
             tag = data[-protocol.TAG_SIZE :]
             origin = recent.get(tag)
             if origin is not None:
@@ -567,6 +628,8 @@ class MeshNode:
             store = self._stores.get(alias)
             if store is not None:
                 store.apply(ops)
+        if self._closing:
+            self._close_parked_dialers()
 
     def _reject(self, reason: str) -> None:
         self.counters.frames_rejected += 1
@@ -589,7 +652,6 @@ class MeshNode:
             peer = self._peers.get(origin)
             if peer is None:
                 peer = self._new_peer(origin)
-            peer.pipes.add(pipe.id)
         if frame.epoch < peer.epoch:
             self._reject("replayed")
             return False
@@ -639,11 +701,44 @@ class MeshNode:
         owner = self._pipe_owner.get(pipe.id)
         if owner is None:
             self._pipe_owner[pipe.id] = owner = origin
+            peer = self._peers.get(origin) or self._new_peer(origin)
             dialed_as = self._dialed_address(pipe)
             if dialed_as:
-                peer = self._peers.get(origin) or self._new_peer(origin)
                 peer.dialed_as = dialed_as
+            if pipe.id in self._live_pipes:  # not one already gone (its removal came first)
+                peer.pipes.add(pipe.id)
+                if dialed_as:
+                    self._pipe_dialed[pipe.id] = dialed_as
+                self._park_duplicate_link(peer)
         return owner
+
+    def _park_duplicate_link(self, peer: Peer) -> None:
+        """Hang up our dialer to ``peer`` when its own pipe to us already joins the pair."""
+        if self.node_id > peer.node_id:
+            return  # the larger id keeps its dialer: exactly one side yields
+        dialed = {self._pipe_dialed[p] for p in peer.pipes if p in self._pipe_dialed}
+        if not dialed or len(dialed) == len(peer.pipes):
+            return  # no pipe of its own to us (yet)
+        for address in dialed:
+            dialer = self._dialers.pop(address, None)
+            if dialer is not None:
+                self._parked[address] = peer.node_id
+                self._closing.append(dialer)
+
+    def _close_parked_dialers(self) -> None:
+        with self._lock:
+            closing, self._closing = self._closing, []
+        for dialer in closing:
+            with contextlib.suppress(Exception):
+                dialer.close()
+
+    def _dial_unparked(self) -> None:
+        with self._lock:
+            unpark, self._unpark = self._unpark, set()
+            addresses = [a for a in unpark if self._parked.pop(a, None) is not None]
+        for address in addresses:
+            if address not in self._dialers:
+                self._dial(address)
 
     @staticmethod
     def _is_fresh(peer: Peer, frame: Frame) -> bool:
@@ -837,14 +932,19 @@ class MeshNode:
 
     def _run_maintenance(self) -> None:
         interval = self.config.discovery_interval
+        next_sync = 0.0
         while not self._stop.is_set():
             try:
-                addresses = self.registry.sync(self)
-                if addresses is not None:
-                    self.set_peer_addresses(addresses)
+                if self._clock() >= next_sync:
+                    addresses = self.registry.sync(self)
+                    if addresses is not None:
+                        self.set_peer_addresses(addresses)
+                    next_sync = self._clock() + interval
+                self._dial_unparked()
             except Exception:
                 logger.exception("mesh: discovery error (keeping the current peers)")
-            self._stop.wait(interval)
+                next_sync = self._clock() + interval
+            self._maintain.wait(max(0.0, next_sync - self._clock()))
 
     # -- observability --------------------------------------------------------------------------
 

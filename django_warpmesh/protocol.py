@@ -284,6 +284,8 @@ def split_ops(ops: Sequence[Op], budget: int) -> list[list[Op]]:
     An op too large on its own for one frame (thousands of keys) is split by its keys; a single
     key larger than the budget cannot be sent, and the caller turns it into a CLEAR.
     """
+    if len(msgpack.packb(ops_body(ops), use_bin_type=True)) <= budget:
+        return [list(ops)] if ops else []  # the usual case: one pack instead of one per op
     frames: list[list[Op]] = []
     current: list[Op] = []
     used = 0

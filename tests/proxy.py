@@ -33,6 +33,11 @@ class Proxy:
             for sock in list(self._pairs):
                 self._drop(sock)
 
+    def connections(self) -> int:
+        """Connections being forwarded now."""
+        with self._lock:
+            return len(self._pairs) // 2
+
     def heal(self) -> None:
         self._cut.clear()
 

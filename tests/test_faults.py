@@ -174,3 +174,29 @@ def test_garbage_from_the_network_is_dropped_and_the_node_stays_healthy() -> Non
         victim.cache("set", "k", "old", None)
         other.cache("set", "k", "new", None)
         wait_for(lambda: not victim.stored("k"), 5, message="real invalidations still apply")
+
+
+def test_a_link_kept_by_one_side_is_dialled_again_by_the_other(
+    partitioned_pair: tuple[MeshProcess, MeshProcess, list[Proxy]],
+) -> None:
+    a, b, (to_a, to_b) = partitioned_pair
+    wait_for(lambda: connected(a) and connected(b), 10, message="link")
+    # Both dial; once both pipes are up, the side with the smaller id hangs up its own, so
+    # the link runs through the larger side's dialer: through the proxy in front of the smaller.
+    smaller, larger = sorted((a, b), key=lambda proc: bytes.fromhex(proc.stats()["node_id"]))
+    to_smaller, to_larger = (to_a, to_b) if smaller is a else (to_b, to_a)
+    wait_for(
+        lambda: (to_smaller.connections(), to_larger.connections()) == (1, 0),
+        5,
+        message="one pipe left, the larger side's",
+    )
+    to_smaller.cut()  # and it stays cut: only the smaller side's own dial can bring it back
+    wait_for(lambda: to_larger.connections() == 1, 5, message="the smaller side to dial again")
+    wait_for(
+        lambda: connected(a) and connected(b) and not smaller.stats()["degraded"],
+        DETECTION_BOUND + 5,
+        message="the link to be back",
+    )
+    smaller.cache("set", "k", "old", None)
+    larger.cache("set", "k", "new", None)
+    wait_for(lambda: not smaller.stored("k"), 5, message="an invalidation over the new link")
