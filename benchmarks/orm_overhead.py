@@ -1,6 +1,8 @@
 """What the ORM hooks (signals + execute wrapper) add to plain ORM writes and reads.
 
-    .venv/bin/python -m benchmarks.orm_overhead [--database sqlite|postgresql] [--rounds 5]
+    .venv/bin/python -m benchmarks.orm_overhead [--database sqlite|postgresql] [--rounds 5] [--json]
+
+``benchmarks/run`` (section 5) runs it once per database with ``--json`` and reports the table.
 
 Each operation runs in batches with the hooks installed and uninstalled, alternating, in the same
 process and on the same database; the best batch of each is kept (least disturbed by the rest of
@@ -11,7 +13,10 @@ cost on the request thread, which is all the hooks add there (sending happens on
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,8 +29,9 @@ OPS = 400
 def configure(database: str) -> None:
     os.environ["WARPMESH_TEST_DB"] = database
     if database == "sqlite":
-        path = Path(tempfile.mkdtemp(prefix="warpmesh-orm-")) / "bench.sqlite3"
-        os.environ["WARPMESH_SQLITE_PATH"] = str(path)
+        directory = tempfile.mkdtemp(prefix="warpmesh-orm-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ["WARPMESH_SQLITE_PATH"] = str(Path(directory) / "bench.sqlite3")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     import django
 
@@ -76,24 +82,37 @@ def batch(op: Callable[[int], None]) -> float:
     return (time.perf_counter() - started) / OPS
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    configure(args.database)
+def measure(rounds: int) -> dict[str, tuple[float, float]]:
+    """Per operation: the best batch's µs per op with the hooks off, and on."""
     from django_warpmesh import orm
 
-    print(f"ORM hook overhead, {args.database}, {OPS} ops per batch, best of {args.rounds}:")
-    print(f"{'operation':<24}{'hooks off':>12}{'hooks on':>12}{'overhead':>12}{'ratio':>8}")
+    results = {}
     for name, op in operations().items():
         with_hooks, without = [], []
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             orm.uninstall()
             without.append(batch(op))
             orm.install()
             with_hooks.append(batch(op))
-        off, on = min(without) * 1e6, min(with_hooks) * 1e6
+        results[name] = (min(without) * 1e6, min(with_hooks) * 1e6)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args()
+    configure(args.database)
+    results = measure(args.rounds)
+    if args.json:
+        costs = {name: {"off_us": off, "on_us": on} for name, (off, on) in results.items()}
+        print(json.dumps(costs))
+        return
+    print(f"ORM hook overhead, {args.database}, {OPS} ops per batch, best of {args.rounds}:")
+    print(f"{'operation':<24}{'hooks off':>12}{'hooks on':>12}{'overhead':>12}{'ratio':>8}")
+    for name, (off, on) in results.items():
         print(f"{name:<24}{off:>10.1f}us{on:>10.1f}us{on - off:>+10.1f}us{on / off:>8.3f}")
     sys.stdout.flush()
 

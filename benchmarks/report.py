@@ -46,8 +46,12 @@ def targets_table(sections: Sequence[Section]) -> Table:
 def summary(targets: Sequence[Target]) -> str:
     met = sum(1 for target in targets if target.met)
     missed = sum(1 for target in targets if target.met is False)
-    other = len(targets) - met - missed
-    return f"{met} met, {missed} missed, {other} not measured"
+    measured = sum(1 for target in targets if target.met is None and target.no_threshold)
+    other = len(targets) - met - missed - measured
+    counts = f"{met} met, {missed} missed"
+    if measured:
+        counts += f", {measured} measured with no threshold"
+    return f"{counts}, {other} not measured"
 
 
 def markdown(
