@@ -5,8 +5,9 @@
   sends heartbeats, goodbyes and stats replies. It is the only thread that sends on the socket.
 * The **receiver** thread verifies frames, drops duplicates and replays, detects sequence gaps
   (flushing the caches they may have made stale), and applies invalidations in bulk.
-* The **maintenance** thread runs peer discovery (database or static list); it may block on the
-  database, which is why it is alone.
+* The **maintenance** thread runs peer discovery (database or static list) and dials a peer
+  again when the pipe that peer opened to us goes; it may block on the database, which is why
+  it is alone.
 
 Nothing here knows Django's cache: caches register a :class:`Store` per cache name.
 """
