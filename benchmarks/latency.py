@@ -55,6 +55,8 @@ receiver) pair. Beside it, the same job through raw nng `Bus0` (the floor: same 
 protocol), Redis Pub/Sub (redis-py, a subscriber thread) and NATS (nats-py, asyncio on its own
 thread): publish the key, every subscriber pops it from a dict. The four run in interleaved
 blocks of rounds on the same processes, so a slow moment of the host is shared by all.
+Where the mesh's time goes, stage by stage (write, sender, nng, checks, apply):
+`python -m benchmarks.latency_stages`.
 """
 
 SCALE_INTRO = """
@@ -169,7 +171,7 @@ def _rounds(
     return result
 
 
-def _open(system: str, workers: Sequence[Worker], warmup: int) -> None:
+def open_system(system: str, workers: Sequence[Worker], warmup: int) -> None:
     """Open ``system`` in every worker; publish until every receiver hears; warm it up."""
     tag = uuid.uuid4().hex[:12]
     addresses = [f"127.0.0.1:{port}" for port in free_ports(len(workers))]
@@ -217,7 +219,7 @@ def _beyond_idle(
 
 def _scale(workers: Sequence[Worker], plan: Plan) -> ScaleRow:
     """Mesh latency with the CPU it costs, then memory, then CPU at rest."""
-    _open("mesh", workers, plan.warmup_rounds)
+    open_system("mesh", workers, plan.warmup_rounds)
     keys = [f"scale-{i}" for i in range(plan.scale_rounds)]
     latency, busy, busy_s = _cpu_between(workers, functools.partial(_rounds, "mesh", workers, keys))
     rss = median([worker.call("worker:resources")["rss"] for worker in workers])
@@ -232,7 +234,7 @@ def _compare(workers: Sequence[Worker], plan: Plan, errors: list[str]) -> dict[s
     systems = ["mesh"]
     for system in SYSTEMS[1:]:
         try:
-            _open(system, workers, plan.warmup_rounds)
+            open_system(system, workers, plan.warmup_rounds)
             systems.append(system)
         except Exception as exc:
             errors.append(f"{LABELS[system]}, {len(workers)} processes: {exc}")
