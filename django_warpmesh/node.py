@@ -529,7 +529,7 @@ class MeshNode:
             # One key larger than a frame: tell peers to drop that whole cache instead.
             aliases = dict.fromkeys(op.alias for op in ops)
             clear = [Op(alias, OpCode.CLEAR, None) for alias in aliases]
-            frame = dataclasses.replace(frame, body=protocol.ops_body(clear))
+            frame = frame._replace(body=protocol.ops_body(clear))
             data = self.codec.encode(frame)
         if self._send_bytes(data):
             self.counters.invalidations_sent += len(ops)
