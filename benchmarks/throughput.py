@@ -34,6 +34,10 @@ inside the cache store's `apply` alone (the bulk apply rate).
 - **one key per frame, injected**: the receivers' capacity: a raw nng socket in the writer process
   sends pre-signed one-key frames (the real codec and key, consecutive sequence numbers, a
   heartbeat at the end) as fast as it can.
+- **one key per frame, injected, raw nng receivers (the floor)**: the same frames from the same
+  writer to a bare `Bus0` socket in each receiver process whose thread only receives and counts
+  them (the node's own way: poll nng's ready descriptor, then take without blocking). What Python
+  and nng alone can take in on this host; the mesh's verifying, checking and applying come on top.
 - **free-running writer**: `cache.delete()` in a tight loop; the sender coalesces what queued up.
 - **one delete_many**: every key in one call: the largest frames the sender makes.
 """
@@ -41,6 +45,7 @@ inside the cache store's `apply` alone (the bulk apply rate).
 SCENARIOS = {
     "paced": "one key per frame, real sender",
     "inject": "one key per frame, injected",
+    "raw": "one key per frame, injected, raw nng receivers (the floor)",
     "free": "free-running writer (coalesced)",
     "many": "one delete_many (coalesced)",
 }
@@ -215,6 +220,76 @@ def inject(addresses: list[str], prefix: str, count: int) -> dict[str, Any]:
     return {"start_ns": started, "returned_ns": returned, "frames": count, "overflows": 0}
 
 
+_raw: dict[str, Any] = {}
+
+
+def raw_open(buffer_size: int) -> str:
+    """A bare Bus0 socket on a free port whose thread only receives and counts (the floor)."""
+    import threading
+
+    import pynng
+
+    from django_warpmesh.node import RECV_BATCH, _Readable
+    from tests.cluster import free_ports
+
+    (port,) = free_ports(1)
+    socket = pynng.Bus0(recv_buffer_size=buffer_size, recv_max_size=0)
+    socket.listen(f"tcp://127.0.0.1:{port}")
+    meter = {"frames": 0, "first_ns": 0, "last_ns": 0}
+
+    def receive() -> None:
+        ready = _Readable(socket.recv_fd)
+        while True:
+            try:
+                if not ready.wait(250):
+                    continue
+                taken = 0
+                while taken < RECV_BATCH and ready.wait(0):
+                    socket.recv(block=False)
+                    taken += 1
+            except pynng.TryAgain:
+                pass
+            except pynng.Closed:
+                return
+            if taken:
+                now = time.monotonic_ns()
+                if not meter["frames"]:
+                    meter["first_ns"] = now
+                meter["frames"] += taken
+                meter["last_ns"] = now
+
+    thread = threading.Thread(target=receive, name="raw-nng-receiver", daemon=True)
+    thread.start()
+    _raw.update(socket=socket, meter=meter, thread=thread)
+    return f"127.0.0.1:{port}"
+
+
+def raw_state() -> dict[str, Any]:
+    from benchmarks.common import cpu_seconds
+
+    return {**_raw["meter"], "cpu_s": cpu_seconds()}
+
+
+def raw_wait(count: int, within: float) -> dict[str, Any]:
+    """Until ``count`` frames came or none came for a second (Bus0 drops what overflows)."""
+    meter = _raw["meter"]
+    deadline = time.monotonic() + within
+    seen, quiet_since = -1, time.monotonic()
+    while meter["frames"] < count and time.monotonic() < deadline:
+        if meter["frames"] != seen:
+            seen, quiet_since = meter["frames"], time.monotonic()
+        elif time.monotonic() - quiet_since > 1.0:
+            break
+        time.sleep(0.005)
+    return raw_state()
+
+
+def raw_close() -> None:
+    _raw["socket"].close()
+    _raw["thread"].join(timeout=5)
+    _raw.clear()
+
+
 # -- in the parent ---------------------------------------------------------------------------
 
 
@@ -294,9 +369,57 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {**delta, "left": after["left"], "meter": after["meter"]}
 
 
+def _raw_scenario(count: int, writer: Worker, receivers: Sequence[Worker]) -> Outcome:
+    from django_warpmesh.conf import MeshSettings
+
+    buffer_size = MeshSettings().buffer_size
+    addresses = [
+        receiver.call("throughput:raw_open", buffer_size=buffer_size) for receiver in receivers
+    ]
+    try:
+        before = [receiver.call("throughput:raw_state") for receiver in receivers]
+        sent = writer.call(
+            "throughput:inject", timeout=300, addresses=addresses, prefix="raw-", count=count
+        )
+        after = [
+            receiver.call(
+                "throughput:raw_wait", timeout=SETTLE_S + 30, count=count, within=SETTLE_S
+            )
+            for receiver in receivers
+        ]
+    finally:
+        for receiver in receivers:
+            receiver.call("throughput:raw_close")
+    deltas = []
+    for a, b in zip(after, before, strict=True):
+        # The closing heartbeats the writer sends are frames too; count only the one-key frames.
+        frames = min(count, a["frames"] - b["frames"])
+        deltas.append(
+            {
+                "keys_received": frames,
+                "frames_received": frames,
+                "frames": frames,
+                "duplicates": 0,
+                "gaps_detected": 0,
+                "flushes": 0,
+                "cpu_s": a["cpu_s"] - b["cpu_s"],
+                "left": None,  # a bare socket has no sequence numbers: it cannot tell a loss
+                "meter": {
+                    "first_ns": a["first_ns"],
+                    "last_ns": a["last_ns"],
+                    "keys": frames,
+                    "apply_ns": 0,
+                },
+            }
+        )
+    return Outcome("raw", count, sent, deltas)
+
+
 def _scenario(
     mode: str, count: int, writer: Worker, receivers: Sequence[Worker], addresses: list[str]
 ) -> Outcome:
+    if mode == "raw":
+        return _raw_scenario(count, writer, receivers)
     prefix = f"{mode}-"
     for receiver in receivers:
         receiver.call("throughput:prepare", prefix=prefix, count=count)
@@ -316,9 +439,9 @@ def _scenario(
 
 def run(quick: bool) -> Section:
     counts = (
-        {"paced": 2_000, "inject": 20_000, "free": 50_000, "many": 50_000}
+        {"paced": 2_000, "inject": 20_000, "raw": 20_000, "free": 50_000, "many": 50_000}
         if quick
-        else {"paced": 5_000, "inject": 50_000, "free": 200_000, "many": 200_000}
+        else {"paced": 5_000, "inject": 50_000, "raw": 50_000, "free": 200_000, "many": 200_000}
     )
     section = Section(3, "Throughput: one writer, 4 receivers", intro=INTRO)
     outcomes: list[Outcome] = []
@@ -350,7 +473,8 @@ def _report(section: Section, outcomes: list[Outcome]) -> None:
         ],
     )
     for outcome in outcomes:
-        applied, detected, undetected = outcome.verdicts()
+        raw = outcome.mode == "raw"
+        applied, detected, undetected = (0, 0, 0) if raw else outcome.verdicts()
         table.add(
             SCENARIOS[outcome.mode],
             outcome.count,
@@ -359,11 +483,13 @@ def _report(section: Section, outcomes: list[Outcome]) -> None:
             fmt_rate(outcome.receiving("frames")),
             fmt_rate(outcome.end_to_end("keys_received")),
             fmt_rate(outcome.receiving("keys_received")),
-            fmt_rate(outcome.apply_rate),
+            "" if raw else fmt_rate(outcome.apply_rate),
             f"{fmt_rate(outcome.per_cpu_s('frames'))} / "
             f"{fmt_rate(outcome.per_cpu_s('keys_received'))}",
             f"{outcome.copies:.2f}",
-            f"{applied} / {detected} / {undetected}",
+            f"received {median([r['frames'] for r in outcome.receivers]):.0f} of {outcome.count}"
+            if raw
+            else f"{applied} / {detected} / {undetected}",
         )
     table.notes.append(
         "frames/s and keys/s receiving: from the receiver's first apply to its last; end to "
@@ -382,15 +508,24 @@ def _report(section: Section, outcomes: list[Outcome]) -> None:
         return ", ".join(f"{SCENARIOS[mode]}: {fmt_rate(rate)}" for mode, rate in values.items())
 
     frames = rates(("paced", "inject"), lambda o: o.receiving("frames"))
+    per_cpu = rates(("inject", "raw"), lambda o: o.per_cpu_s("frames"))
+    floor = (
+        f"; bare nng receivers, doing nothing with what they take in, reach "
+        f"{fmt_rate(by_mode['raw'].receiving('frames'))} ({fmt_rate(per_cpu['raw'])} per "
+        "CPU-second): the transport's Python floor on this host"
+        if "raw" in by_mode
+        else ""
+    )
     section.targets.append(
         Target(
             ">= 50,000 frames/s per receiver",
             listed(frames),
             max(frames.values()) >= 50_000 if frames else None,
             "per frame, a receiver runs Python (HMAC, msgpack, checks, apply) at "
-            f"{fmt_rate(by_mode['inject'].per_cpu_s('frames')) if 'inject' in by_mode else 'n/a'}"
-            " per CPU-second, with 4 receivers and the writer sharing 2 cores; the real "
-            "sender, one frame at a time, is bounded by its thread hand-offs",
+            f"{fmt_rate(per_cpu['inject']) if 'inject' in per_cpu else 'n/a'}"
+            " per CPU-second, with 4 receivers and the writer sharing 2 cores"
+            + floor
+            + "; the real sender, one frame at a time, is bounded by its thread hand-offs",
         )
     )
     keys = rates(("free", "many"), lambda o: o.receiving("keys_received"))
@@ -406,12 +541,13 @@ def _report(section: Section, outcomes: list[Outcome]) -> None:
             "the writer (Django's per-key validation, the sender's coalescing) is slower still",
         )
     )
-    undetected = sum(outcome.verdicts()[2] for outcome in outcomes)
+    checked = [outcome for outcome in outcomes if outcome.mode != "raw"]
+    undetected = sum(outcome.verdicts()[2] for outcome in checked)
     section.targets.append(
         Target(
             "every loss detected",
-            f"{undetected} receiver(s) with an undetected loss, {len(outcomes)} scenarios",
-            undetected == 0 if outcomes else None,
+            f"{undetected} receiver(s) with an undetected loss, {len(checked)} scenarios",
+            undetected == 0 if checked else None,
             "a key was left behind with no gap detected",
         )
     )
