@@ -1057,12 +1057,25 @@ class _Limited:
 
 def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> list[Op]:
     """Merge queued invalidations: a key once (its last op wins), a clear swallows its alias."""
+    # The sender's per-key loop: a write loop's throughput is bounded by it, hence the locals.
+    clear, delete, delete_unless, tags_code = (
+        OpCode.CLEAR,
+        OpCode.DELETE,
+        OpCode.DELETE_UNLESS,
+        OpCode.TAGS,
+    )
     cleared: set[str] = set(overflowed)
     keys: dict[str, dict[str, bytes | None]] = {}
     tags: dict[str, dict[str, None]] = {}
     patterns: dict[str, dict[str, None]] = {}
     for alias, code, arg in queue:
-        if code is OpCode.CLEAR:
+        if code is delete_unless and alias not in cleared:
+            alias_keys = keys.get(alias)
+            if alias_keys is None:
+                alias_keys = keys[alias] = {}
+            key, stored = arg
+            alias_keys[key] = stored
+        elif code is clear:
             cleared.add(alias)
             keys.pop(alias, None)
             tags.pop(alias, None)
@@ -1071,28 +1084,22 @@ def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> 
             # Later ops after a clear still matter only for values stored after it; a clear
             # drops every copy on the peers, so it already covers them.
             continue
-        elif code is OpCode.DELETE:
-            alias_keys = keys.setdefault(alias, {})
-            for key in arg:
-                alias_keys[key] = None
-        elif code is OpCode.DELETE_UNLESS:
-            key, stored = arg
-            keys.setdefault(alias, {})[key] = stored
-        elif code is OpCode.TAGS:
+        elif code is delete:
+            keys.setdefault(alias, {}).update(dict.fromkeys(arg))
+        elif code is tags_code:
             tags.setdefault(alias, {}).update(dict.fromkeys(arg))
-        elif code is OpCode.PATTERN:
+        else:  # OpCode.PATTERN
             patterns.setdefault(alias, {})[arg] = None
-    ops = [Op(alias, OpCode.CLEAR, None) for alias in cleared]
+    ops = [Op(alias, clear, None) for alias in cleared]
+    digest = protocol.digest
     for alias, entries in keys.items():
         deletes = [key for key, stored in entries.items() if stored is None]
-        unless = [
-            [key, protocol.digest(stored)] for key, stored in entries.items() if stored is not None
-        ]
+        unless = [[key, digest(stored)] for key, stored in entries.items() if stored is not None]
         if deletes:
-            ops.append(Op(alias, OpCode.DELETE, deletes))
+            ops.append(Op(alias, delete, deletes))
         if unless:
-            ops.append(Op(alias, OpCode.DELETE_UNLESS, unless))
-    ops.extend(Op(alias, OpCode.TAGS, list(names)) for alias, names in tags.items())
+            ops.append(Op(alias, delete_unless, unless))
+    ops.extend(Op(alias, tags_code, list(names)) for alias, names in tags.items())
     for alias, names in patterns.items():
         ops.extend(Op(alias, OpCode.PATTERN, pattern) for pattern in names)
     return ops

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from django_warpmesh.node import coalesce
 from django_warpmesh.protocol import Op, OpCode, digest
 
@@ -52,3 +58,79 @@ def test_tags_and_patterns_are_merged_per_cache() -> None:
         set(),
     )
     assert ops == [Op("c", OpCode.TAGS, ["t:x", "s:y", "r:x:1"]), Op("c", OpCode.PATTERN, ":1:a*")]
+
+
+# -- property: coalescing never leaves a peer with a value a write made stale -----------------
+
+ALIASES = ("c", "d")
+KEYS = (":1:a", ":1:b", ":1:ab")
+VALUES = (b"v1", b"v2")
+TAG_OF = {":1:a": "t:x", ":1:b": "t:y", ":1:ab": "t:x"}
+
+queued_ops = st.one_of(
+    st.tuples(
+        st.sampled_from(ALIASES),
+        st.just(OpCode.DELETE),
+        st.lists(st.sampled_from(KEYS), max_size=2),
+    ),
+    st.tuples(
+        st.sampled_from(ALIASES),
+        st.just(OpCode.DELETE_UNLESS),
+        st.tuples(st.sampled_from(KEYS), st.sampled_from(VALUES)),
+    ),
+    st.tuples(st.sampled_from(ALIASES), st.just(OpCode.CLEAR), st.none()),
+    st.tuples(
+        st.sampled_from(ALIASES), st.just(OpCode.PATTERN), st.sampled_from((":1:a*", ":1:b"))
+    ),
+    st.tuples(st.sampled_from(ALIASES), st.just(OpCode.TAGS), st.lists(st.just("t:x"), max_size=1)),
+)
+
+
+def _apply(
+    held: dict[tuple[str, str], bytes], alias: str, code: OpCode, args: Any, dig: bool
+) -> None:
+    """What a peer does with one op (``dig``: DELETE_UNLESS carries digests, as on the wire)."""
+    for entry in [entry for entry in held if entry[0] == alias]:
+        key = entry[1]
+        if code is OpCode.DELETE:
+            dropped = key in args
+        elif code is OpCode.DELETE_UNLESS:
+            pairs = args if dig else [[args[0], digest(args[1])]]
+            dropped = any(k == key and d != digest(held[entry]) for k, d in pairs)
+        elif code is OpCode.CLEAR:
+            dropped = True
+        elif code is OpCode.PATTERN:
+            dropped = fnmatch.fnmatchcase(key, args)
+        else:
+            dropped = TAG_OF[key] in args
+        if dropped:
+            del held[entry]
+
+
+@given(
+    queue=st.lists(queued_ops, max_size=12),
+    overflowed=st.sets(st.sampled_from(ALIASES)),
+    peer=st.dictionaries(
+        st.tuples(st.sampled_from(ALIASES), st.sampled_from(KEYS)), st.sampled_from(VALUES)
+    ),
+)
+def test_coalescing_is_never_weaker_than_the_queue_in_order(
+    queue: list[tuple[str, OpCode, Any]], overflowed: set[str], peer: dict[tuple[str, str], bytes]
+) -> None:
+    in_order = dict(peer)
+    for alias in overflowed:
+        _apply(in_order, alias, OpCode.CLEAR, None, dig=False)
+    for alias, code, args in queue:
+        _apply(in_order, alias, code, args, dig=False)
+    coalesced = dict(peer)
+    for op in coalesce(queue, overflowed):
+        _apply(coalesced, op.alias, op.code, op.args, dig=True)
+    # Where the writer's last op on a key stored a value, a peer holding exactly it is not stale.
+    last_written: dict[tuple[str, str], bytes] = {}
+    for alias, code, args in queue:
+        if code is OpCode.DELETE_UNLESS:
+            last_written[(alias, args[0])] = args[1]
+        else:
+            _apply(last_written, alias, code, args, dig=False)
+    for entry, value in coalesced.items():
+        assert entry in in_order or last_written.get(entry) == value, (entry, value)
