@@ -53,7 +53,9 @@ each receiver's store, wrapped by the benchmark, notes the moment the key is gon
 2-4 ms apart (random), so each invalidation travels alone. Every sample is one (round,
 receiver) pair. Beside it, the same job through raw nng `Bus0` (the floor: same sockets, no
 protocol), Redis Pub/Sub (redis-py, a subscriber thread) and NATS (nats-py, asyncio on its own
-thread): publish the key, every subscriber pops it from a dict. The four run in interleaved
+thread), each keeping Django's `LocMemCache` coherent as one would with it: the writer's
+`LocMemCache.set`, then the key published; a receiving thread's `LocMemCache.delete`. So all four
+do the same cache work at both ends and differ in the message path. The four run in interleaved
 blocks of rounds on the same processes, so a slow moment of the host is shared by all.
 Where the mesh's time goes, stage by stage (write, sender, nng, checks, apply):
 `python -m benchmarks.latency_stages`.

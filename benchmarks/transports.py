@@ -1,15 +1,19 @@
-"""The same job done four ways, in a worker process: a writer publishes a key, every other process
-removes it from its local store. Each receiver notes, in its own process, when the key went.
+"""The same job done four ways, in a worker process: a writer changes a key in its local cache and
+announces it, every other process removes the key from its local cache. Each receiver notes, in its
+own process, when the key went.
 
 - ``mesh``: ``MeshCache.set`` on the writer; the node's receiver thread applies the invalidation
   (through :class:`benchmarks.probes.InstrumentedStore`).
 - ``nng``: the floor: a raw pynng ``Bus0`` full mesh like the node's (every process listens and
-  dials every other), the key as the whole message, popped from a dict by a receiving thread.
+  dials every other), the key as the whole message.
 - ``redis``: Redis Pub/Sub with redis-py, one subscriber thread per process.
 - ``nats``: core NATS with nats-py, the client's asyncio loop on a thread of its own.
 
-Every process subscribes in the pub/sub cases (as every instance of an application would), so the
-writer also receives its own messages there.
+The three baselines are what one would build with each transport to keep Django's own
+``LocMemCache`` coherent: the writer's ``LocMemCache.set`` then a publish of the key; a receiving
+thread's ``LocMemCache.delete`` of it. So every system pays the same local cache work, and what
+differs is the message path. Every process subscribes in the pub/sub cases (as every instance of
+an application would), so the writer also receives its own messages there.
 """
 
 from __future__ import annotations
@@ -25,28 +29,31 @@ from typing import Any
 from benchmarks.probes import Probe, instrument
 
 NNG_BUFFER = 8192
+LOCAL_ALIAS = "locmem"  # the baselines' local cache: Django's LocMemCache
 
 
 class Transport:
-    """Base: a dict of armed keys, popped by :meth:`received`, for the baselines."""
+    """Base of the baselines: Django's ``LocMemCache``, kept coherent by announcing each key."""
 
     def __init__(self) -> None:
+        from django.core.cache import caches
+
         self.probe = Probe()
-        self.local: dict[str, bytes] = {}
-        self.lock = threading.Lock()
+        self.cache = caches[LOCAL_ALIAS]
 
     def arm(self, keys: Sequence[str]) -> None:
-        with self.lock:
-            self.local.update(dict.fromkeys(keys, b"old"))
+        self.cache.set_many(dict.fromkeys(keys, "old"), None)
         self.probe.arm(keys)
 
     def received(self, key: str) -> None:
-        with self.lock:
-            held = self.local.pop(key, None)
-        if held is not None:
+        if self.cache.delete(key):
             self.probe.record([key], time.monotonic_ns())
 
     def publish(self, key: str) -> None:
+        self.cache.set(key, "new", None)
+        self.announce(key)
+
+    def announce(self, key: str) -> None:
         raise NotImplementedError
 
     def write(self, keys: Sequence[str], gaps: Sequence[float]) -> list[int]:
@@ -123,7 +130,7 @@ class NngTransport(Transport):
                 return
             self.received(data.decode())
 
-    def publish(self, key: str) -> None:
+    def announce(self, key: str) -> None:
         self.socket.send(key.encode())
 
     def close(self) -> None:
@@ -146,7 +153,7 @@ class RedisTransport(Transport):
     def _on_message(self, message: dict[str, Any]) -> None:
         self.received(message["data"].decode())
 
-    def publish(self, key: str) -> None:
+    def announce(self, key: str) -> None:
         self.client.publish(self.channel, key)
 
     def close(self) -> None:
@@ -180,12 +187,16 @@ class NatsTransport(Transport):
         await client.flush()
         return client
 
+    def announce(self, key: str) -> None:
+        self._run(self.client.publish(self.subject, key.encode()), timeout=5)
+
     def write(self, keys: Sequence[str], gaps: Sequence[float]) -> list[int]:
         # nats-py is asyncio: publish from its own loop, as an application using it would.
         async def rounds() -> list[int]:
             sent = []
             for key, gap in zip(keys, gaps, strict=True):
                 sent.append(time.monotonic_ns())
+                self.cache.set(key, "new", None)
                 await self.client.publish(self.subject, key.encode())
                 await asyncio.sleep(gap)
             return sent
