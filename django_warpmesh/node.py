@@ -572,13 +572,12 @@ class MeshNode:
         # a blocking nng receive costs an extra thread hand-off inside nng per message, and each
         # of its timeouts wakes nng's own timer threads too.
         ready = _Readable(sock.recv_fd)
+        last_tick = 0.0
         while not self._stop.is_set():
-            # Tick often only while something is pending (a missing frame's grace period, the
-            # start-up window): an idle mesh then wakes 4 times a second, not 20.
-            wanted = TICK_FAST_MS if not self.ready or self._missing_pending() else TICK_IDLE_MS
+            until_tick = self._tick_every_ms() - (self._clock() - last_tick) * 1000
             batch = []
             try:
-                if ready.wait(wanted):
+                if ready.wait(max(0, int(until_tick))):
                     with contextlib.suppress(pynng.TryAgain):
                         batch.append(sock.recv_msg(block=False))
                         while len(batch) < RECV_BATCH and ready.wait(0):
@@ -591,12 +590,21 @@ class MeshNode:
             try:
                 if batch:
                     self._handle_batch(batch)
-                self._tick()
+                # On its cadence, not after every batch: under traffic that is most of a
+                # receiver's work per frame. During start-up, at once: readiness is news.
+                now = self._clock()
+                if not self.ready or now - last_tick >= self._tick_every_ms() / 1000:
+                    last_tick = now
+                    self._tick()
             except Exception:
                 logger.exception("mesh: error handling received frames (continuing)")
 
-    def _missing_pending(self) -> bool:
-        return any(peer.missing for peer in list(self._peers.values()))
+    def _tick_every_ms(self) -> int:
+        # Often only while something is pending (a missing frame's grace period, the start-up
+        # window): an idle mesh then wakes 4 times a second, not 20.
+        if not self.ready or any(peer.missing for peer in list(self._peers.values())):
+            return TICK_FAST_MS
+        return TICK_IDLE_MS
 
     def _handle_batch(self, batch: list[Any]) -> None:
         now = self._clock()
