@@ -707,17 +707,23 @@ class MeshNode:
 
     def _bind_pipe_locked(self, pipe: Any, origin: bytes) -> bytes:
         """The node a pipe speaks for: the first authenticated origin seen on it."""
-        owner = self._pipe_owner.get(pipe.id)
+        pipe_id = pipe.id
+        owner = self._pipe_owner.get(pipe_id)
         if owner is None:
-            self._pipe_owner[pipe.id] = owner = origin
+            self._pipe_owner[pipe_id] = owner = origin
             peer = self._peers.get(origin) or self._new_peer(origin)
             dialed_as = self._dialed_address(pipe)
             if dialed_as:
                 peer.dialed_as = dialed_as
-            if pipe.id in self._live_pipes:  # not one already gone (its removal came first)
-                peer.pipes.add(pipe.id)
+        # Counted among the peer's pipes once nng has reported it connected: its first frames
+        # can arrive before that callback has run, and one already gone must not be counted.
+        if owner == origin and pipe_id in self._live_pipes:
+            peer = self._peers.get(origin) or self._new_peer(origin)
+            if pipe_id not in peer.pipes:
+                peer.pipes.add(pipe_id)
+                dialed_as = self._dialed_address(pipe)
                 if dialed_as:
-                    self._pipe_dialed[pipe.id] = dialed_as
+                    self._pipe_dialed[pipe_id] = dialed_as
                 self._park_duplicate_link(peer)
         return owner
 
