@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from benchmarks import latency_stages
 from benchmarks.common import (
     Distribution,
     Section,
@@ -26,6 +27,7 @@ from benchmarks.common import (
     fmt_ratio,
     fmt_us,
     median,
+    percentile,
     ratio,
 )
 from benchmarks.procs import Worker, mesh_fleet, spawn
@@ -85,6 +87,7 @@ class Plan:
     block_rounds: int
     idle_s: float
     warmup_rounds: int = 20
+    stage_rounds: int = 300
 
 
 FULL = Plan(
@@ -103,6 +106,7 @@ QUICK = Plan(
     block_rounds=40,
     idle_s=1.5,
     warmup_rounds=10,
+    stage_rounds=100,
 )
 
 
@@ -288,7 +292,14 @@ def run(quick: bool) -> tuple[Section, Section]:
                     compared[size] = _compare(workers, plan, errors)
         except Exception as exc:
             errors.append(f"fleet of {size}: {type(exc).__name__}: {exc}")
+    stages: list[tuple[str, list[float]]] = []
+    print("  where the mesh's time goes: 2 processes, stage by stage")
+    try:
+        stages = latency_stages.measure(2, plan.stage_rounds)
+    except Exception as exc:
+        errors.append(f"stage by stage: {type(exc).__name__}: {exc}")
     _report_latency(latency, compared)
+    _report_stages(latency, stages, compared.get(2, {}).get("nng"))
     _report_scale(scale, scale_rows, baseline_rss)
     latency.notes += errors
     return latency, scale
@@ -385,6 +396,55 @@ def _report_latency(section: Section, compared: dict[int, dict[str, Rounds]]) ->
                 }
             ),
         )
+    )
+
+
+STAGE_WORK = {
+    "write → sender awake": "`cache.set` on the writing thread (pickle, local store, queueing), "
+    "then the sender thread's wake-up",
+    "sender awake → send": "taking the queue, coalescing, splitting into frames",
+    "send → receiver has the frame": "msgpack and HMAC, nng and TCP on loopback, the receiver "
+    "thread's wake-up: the part raw nng also has",
+    "receiver has the frame → checked": "verifying the HMAC, decoding, sequence and liveness "
+    "checks",
+    "checked → key gone": "applying to the local store",
+    "total": "",
+}
+
+
+def _report_stages(
+    section: Section, stages: list[tuple[str, list[float]]], floor: Rounds | None
+) -> None:
+    """Where the mesh's p50 goes, and the limit of the "within 1.5x of raw nng" target."""
+    if not stages:
+        return
+    table = Table(
+        "Where the mesh's time goes: 2 processes, the writer → one receiver, stage by stage",
+        ["stage", "p50", "p99", "what happens"],
+    )
+    for label, spans in stages:
+        table.add(label, fmt_us(median(spans)), fmt_us(percentile(spans, 0.99)), STAGE_WORK[label])
+    table.notes.append(
+        f"{len(stages[0][1])} rounds in a fleet of its own, 2-4 ms apart, timestamps taken by "
+        "wrapping four methods of the node (`python -m benchmarks.latency_stages` runs it alone). "
+        "The stages' medians need not add up to the total's."
+    )
+    section.tables.append(table)
+    target = next((t for t in section.targets if t.text.startswith("latency p50 within")), None)
+    if target is None:
+        return
+    p50 = {label: median(spans) for label, spans in stages}
+    transport = p50.pop("send → receiver has the frame")
+    total = p50.pop("total")
+    own = ", ".join(f"{label} {fmt_us(value)}" for label, value in p50.items())
+    raw = f" (raw nng's whole path: {fmt_us(Distribution.of(floor.samples).p50)})" if floor else ""
+    target.limit = (
+        f"stage by stage at 2 processes (a fleet of its own, p50 {fmt_us(total)}): "
+        f"{fmt_us(transport)} of encoding, nng and the receiving thread's wake-up{raw}, and "
+        f"the mesh's own Python work: {own}. "
+        "Each stage runs with cold CPU caches, several times slower than in a loop (the host "
+        "calibration); sending from the writing thread, as raw nng does, would put that work "
+        "on the request path"
     )
 
 

@@ -81,26 +81,29 @@ def stamps() -> dict[str, list[int]]:
 # -- in the parent -------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, default=2, help="fleet size (2 or more)")
-    parser.add_argument("--rounds", type=int, default=300)
-    args = parser.parse_args()
-    if args.processes < 2 or args.rounds < 1:
-        parser.error("--processes must be at least 2 and --rounds at least 1")
+STAGE_NAMES = (
+    "write",
+    "sender awake",
+    "send",
+    "receiver has the frame",
+    "checked",
+    "key gone",
+)
 
-    from benchmarks.common import fmt_us, median, percentile
+
+def measure(processes: int, rounds: int) -> list[tuple[str, list[float]]]:
+    """Each stage's span (µs) per round, in order, then the total: ``(label, spans)``."""
     from benchmarks.latency import GAP_S, WAIT_S, open_system
     from benchmarks.procs import mesh_fleet
 
-    with mesh_fleet(args.processes) as workers:
+    with mesh_fleet(processes) as workers:
         for worker in workers:
             worker.call("latency_stages:install")
         open_system("mesh", workers, warmup=50)
         writer, receiver, *_ = workers
         for worker in workers:
             worker.call("latency_stages:reset")
-        keys = [f"stage-{i}" for i in range(args.rounds)]
+        keys = [f"stage-{i}" for i in range(rounds)]
         receiver.call("transports:arm", system="mesh", keys=keys)
         gaps = [random.uniform(*GAP_S) for _ in keys]
         written = writer.call(
@@ -115,23 +118,46 @@ def main() -> None:
     # INVALIDATE). A round lost or coalesced would misalign them: refuse rather than guess.
     counts = {len(written), len(sent["wake"]), len(sent["send"]), len(got["checked"])}
     if len(counts) != 1 or any(gone[key] is None for key in keys):
-        raise SystemExit(f"rounds did not line up one frame each ({counts}); run again")
+        raise RuntimeError(f"the rounds did not line up one frame each ({counts})")
     points = [
-        ("write", written),
-        ("sender awake", sent["wake"]),
-        ("send", sent["send"]),
-        ("receiver has the frame", got["batch"]),
-        ("checked", got["checked"]),
-        ("key gone", [gone[key] for key in keys]),
+        written,
+        sent["wake"],
+        sent["send"],
+        got["batch"],
+        got["checked"],
+        [gone[key] for key in keys],
     ]
+    spans = [
+        (
+            f"{start_name} → {end_name}",
+            [(end - start) / 1000 for start, end in zip(starts, ends, strict=True)],
+        )
+        for (start_name, starts), (end_name, ends) in itertools.pairwise(
+            zip(STAGE_NAMES, points, strict=True)
+        )
+    ]
+    total = [(end - start) / 1000 for start, end in zip(written, points[-1], strict=True)]
+    return [*spans, ("total", total)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, default=2, help="fleet size (2 or more)")
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args()
+    if args.processes < 2 or args.rounds < 1:
+        parser.error("--processes must be at least 2 and --rounds at least 1")
+
+    from benchmarks.common import fmt_us, median, percentile
+
+    try:
+        stages = measure(args.processes, args.rounds)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc}; run again") from None
     print(f"{args.processes} processes, {args.rounds} rounds, the writer → one receiver:")
     print(f"{'stage':<52}{'p50':>10}{'p99':>10}")
-    for (start_name, starts), (end_name, ends) in itertools.pairwise(points):
-        spans = [(end - start) / 1000 for start, end in zip(starts, ends, strict=True)]
-        label = f"{start_name} → {end_name}"
+    for label, spans in stages:
         print(f"{label:<52}{fmt_us(median(spans)):>10}{fmt_us(percentile(spans, 0.99)):>10}")
-    total = [(end - start) / 1000 for start, end in zip(written, points[-1][1], strict=True)]
-    print(f"{'total':<52}{fmt_us(median(total)):>10}{fmt_us(percentile(total, 0.99)):>10}")
 
 
 if __name__ == "__main__":
