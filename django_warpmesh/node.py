@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import select
 import socket
@@ -577,7 +578,8 @@ class MeshNode:
             until_tick = self._tick_every_ms() - (self._clock() - last_tick) * 1000
             batch = []
             try:
-                if ready.wait(max(0, int(until_tick))):
+                # Rounded up: a wait that ended a fraction of a millisecond early would spin.
+                if ready.wait(max(0, math.ceil(until_tick))):
                     with contextlib.suppress(pynng.TryAgain):
                         batch.append(sock.recv_msg(block=False))
                         while len(batch) < RECV_BATCH and ready.wait(0):
