@@ -2,12 +2,16 @@
 
     .venv/bin/python -m benchmarks.orm_overhead [--database sqlite|postgresql] [--rounds 5] [--json]
 
-``benchmarks/run`` (section 5) runs it once per database with ``--json`` and reports the table.
+``benchmarks/run`` (section 5) runs it once per database with ``--json`` and reports the tables.
 
-Each operation runs in batches with the hooks installed and uninstalled, alternating, in the same
-process and on the same database; the best batch of each is kept (least disturbed by the rest of
-the machine) and the difference reported per operation. The mesh itself is disabled: this is the
-cost on the request thread, which is all the hooks add there (sending happens on another thread).
+Two measurements, the mesh itself disabled (this is the cost on the request thread, which is all
+the hooks add there: sending happens on another thread):
+
+* per call: each hook's own work called directly, no database round trip, in calibrated loops
+  (best of the rounds): the stable part;
+* end to end: each operation in batches with the hooks installed and uninstalled, alternating, in
+  the same process and on the same database; the best batch of each is kept (least disturbed by
+  the rest of the machine) and the difference reported per operation.
 """
 
 from __future__ import annotations
@@ -98,6 +102,51 @@ def measure(rounds: int) -> dict[str, tuple[float, float]]:
     return results
 
 
+def per_call(rounds: int) -> dict[str, float]:
+    """µs per call of each hook's own work, without the database round trip it rides on."""
+    from django.db import connection
+
+    from django_warpmesh import orm
+    from tests.testapp.models import Product
+
+    orm.install()
+    product = Product.objects.create(name="per-call", price=1)
+    quote, table = connection.ops.quote_name, Product._meta.db_table
+    read = f"SELECT {quote('id')} FROM {quote(table)} WHERE {quote('id')} = %s"
+    write = f"UPDATE {quote(table)} SET {quote('price')} = %s WHERE {quote('id')} = %s"
+    context: dict[str, object] = {"connection": connection, "cursor": None}
+
+    def statement(sql: str, params: object, many: bool, context: object) -> None:
+        return None  # the database's part, left out
+
+    def wrapped(sql: str) -> Callable[[], object]:
+        return lambda: orm._execute_wrapper(statement, sql, (1, 1), False, context)
+
+    calls: dict[str, Callable[[], object]] = {
+        "execute wrapper, a read statement": wrapped(read),
+        "execute wrapper, a write statement it invalidates table-wide": wrapped(write),
+        "post_save of one row (row tags, local eviction, publish)": lambda: orm._on_saved(
+            Product, product, using=connection.alias
+        ),
+        "pre_save claim, sent outside a save (the whole stack walked)": lambda: orm._claim(
+            Product, instance=product
+        ),
+    }
+    bare = min(_loop(lambda: statement(read, (1, 1), False, context)) for _ in range(rounds))
+    return {
+        name: max(0.0, min(_loop(call) for _ in range(rounds)) - bare) * 1e6
+        for name, call in calls.items()
+    }
+
+
+def _loop(call: Callable[[], object], count: int = 20_000) -> float:
+    """Seconds per call over ``count`` calls."""
+    started = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - started) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
@@ -105,11 +154,15 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
     configure(args.database)
+    calls = per_call(args.rounds)
     results = measure(args.rounds)
     if args.json:
         costs = {name: {"off_us": off, "on_us": on} for name, (off, on) in results.items()}
-        print(json.dumps(costs))
+        print(json.dumps({"per_call_us": calls, "end_to_end": costs}))
         return
+    print(f"ORM hooks per call, {args.database}, best of {args.rounds}, no database round trip:")
+    for name, cost in calls.items():
+        print(f"{name:<64}{cost:>8.1f}us")
     print(f"ORM hook overhead, {args.database}, {OPS} ops per batch, best of {args.rounds}:")
     print(f"{'operation':<24}{'hooks off':>12}{'hooks on':>12}{'overhead':>12}{'ratio':>8}")
     for name, (off, on) in results.items():
