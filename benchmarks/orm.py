@@ -233,7 +233,7 @@ def run(quick: bool) -> Section:
     for name, database in (("SQLite", "sqlite"), ("PostgreSQL", "postgresql")):
         print(f"  {name}: ORM hooks on and off")
         try:
-            measured = _hook_overhead(database, 3 if quick else 5)
+            measured = _hook_overhead(database, 2 if quick else 3)
         except Exception as exc:
             section.notes.append(f"ORM hooks on {name} not measured: {exc}")
             continue
