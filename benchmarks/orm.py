@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.common import Section, Table, Target, compare_timings, fmt_ns, fmt_ratio, ratio
+from benchmarks.orm_overhead import HOOKS
 from benchmarks.procs import Worker, alone_config
 
 ROWS = 10_000
@@ -239,7 +240,7 @@ def run(quick: bool) -> Section:
             continue
         overhead[name], calls[name] = measured["end_to_end"], measured["per_call_us"]
         for hook, cost in calls[name].items():
-            per_call.add(name, hook, f"{cost:.1f}")
+            per_call.add(name, HOOKS.get(hook, hook), f"{cost:.1f}")
         for operation, cost in overhead[name].items():
             off, on = cost["off_us"], cost["on_us"]
             hooks.add(
@@ -272,10 +273,7 @@ def run(quick: bool) -> Section:
     for name, costs in calls.items():
         parts.append(
             f"hooks per call on {name}: "
-            + ", ".join(f"{cost:.1f} µs" for cost in costs.values())
-            + " ("
-            + ", ".join(hook.split(" (")[0] for hook in costs)
-            + ")"
+            + ", ".join(f"{hook} {cost:.1f} µs" for hook, cost in costs.items())
         )
     for name, costs in overhead.items():
         added = ", ".join(
