@@ -59,8 +59,8 @@ thread), each keeping Django's `LocMemCache` coherent as one would with it: the 
 `LocMemCache.set`, then the key published; a receiving thread's `LocMemCache.delete`. So all four
 do the same cache work at both ends and differ in the message path. The four run in interleaved
 blocks of rounds on the same processes, so a slow moment of the host is shared by all.
-Where the mesh's time goes, stage by stage (write, sender, nng, checks, apply):
-`python -m benchmarks.latency_stages`.
+The last table follows the mesh's messages stage by stage (write, sender, nng, checks, apply);
+`python -m benchmarks.latency_stages` runs it alone.
 """
 
 SCALE_INTRO = """
