@@ -461,6 +461,16 @@ def test_split_ops_splits_one_large_op_by_keys() -> None:
         assert all(piece.alias == "default" and piece.code is OpCode.DELETE for piece in group)
 
 
+def test_split_ops_fills_its_frames() -> None:
+    keys = [f":1:user:{i:06d}" for i in range(20_000)]
+    op = Op("default", OpCode.DELETE, keys)
+    budget = 16 * 1024
+    groups = protocol.split_ops([op], budget)
+    # Nearly full frames: the op's size over the budget, plus a frame of slack.
+    assert len(groups) <= op_size(op) // budget + 2
+    assert flatten(groups) == [("default", OpCode.DELETE, key) for key in keys]
+
+
 def test_split_ops_pieces_are_valid_frames(codec: Codec) -> None:
     keys = [f"k{i}" for i in range(500)]
     pairs = [[key, protocol.digest(key.encode())] for key in keys]
