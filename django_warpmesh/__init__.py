@@ -11,7 +11,7 @@ def mesh_stats() -> dict[str, Any]:
     """This process's view of the mesh: its node, its peers and its counters."""
     from django_warpmesh import node
 
-    current = node._current
+    current = node.current_node()
     if current is None:
         return node.NullNode("not started: no MeshCache has been used in this process").snapshot()
     return current.snapshot()

@@ -13,8 +13,14 @@ class WarpMeshConfig(AppConfig):
     def ready(self) -> None:
         # Starts nothing: the node starts on the first use of a MeshCache, in each process.
         from django.core.exceptions import ImproperlyConfigured
+        from django.db.models.signals import post_migrate
 
-        from django_warpmesh import checks, orm  # noqa: F401
+        from django_warpmesh import checks, discovery, orm  # noqa: F401
+
+        # Once migrate has made the peer table, a node that could not find it looks again now.
+        post_migrate.connect(
+            discovery.peer_table_migrated, sender=self, dispatch_uid="django_warpmesh.discovery"
+        )
 
         try:
             orm.install()

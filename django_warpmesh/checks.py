@@ -85,6 +85,28 @@ def _check_peer_table(config: MeshSettings) -> list[CheckMessage]:
                 hint=hint,
             )
         ]
+    return _check_registration(config)
+
+
+def _check_registration(config: MeshSettings) -> list[CheckMessage]:
+    """What a node's discovery sync would hit, found now rather than retried forever later."""
+    from django_warpmesh.discovery import DatabaseRegistry
+
+    registry = DatabaseRegistry(config)
+    try:
+        registry.probe()
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return [
+            Error(
+                f"Peer discovery would fail on database {registry.alias!r}: "
+                f"{type(exc).__name__}: {first_line}",
+                id="warpmesh.E005",
+                hint="Each node registers itself in the peer table and refreshes its row; "
+                "the database user needs INSERT, UPDATE, DELETE and SELECT on it. Until this "
+                "works, instances cannot find each other and cap what they cache.",
+            )
+        ]
     return []
 
 

@@ -11,24 +11,42 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, Protocol
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models.functions import Now
 
 from django_warpmesh import __version__
 from django_warpmesh.conf import MeshSettings, parse_address, running_migration_command
+from django_warpmesh.node import DiscoveryError
 
 if TYPE_CHECKING:
     from django_warpmesh.node import MeshNode
 
 logger = logging.getLogger("django_warpmesh")
 
-MAX_BACKOFF = 60.0
+
+class Registrant(Protocol):
+    """What registering a row needs of a node."""
+
+    address: str
+
+    @property
+    def hex_id(self) -> str: ...
+
+    def store_names(self) -> list[str]: ...
+
+
+def peer_table_migrated(**kwargs: object) -> None:
+    """``post_migrate`` of this app: the running node's next sync happens now."""
+    from django_warpmesh.node import MeshNode, current_node
+
+    node = current_node()
+    if isinstance(node, MeshNode):
+        node.sync_soon()
 
 
 def database_alias(config: MeshSettings) -> str:
@@ -43,9 +61,7 @@ class DatabaseRegistry:
         self.config = config
         self.alias = database_alias(config)
         self.description = f"database discovery ({self.alias})"
-        self._failures = 0
         self.syncs = 0
-        self._next_attempt = 0.0
         self._warned: set[str] = set()
         self._announced: set[str] = set()
 
@@ -53,31 +69,30 @@ class DatabaseRegistry:
         return None
 
     def sync(self, node: MeshNode) -> Iterable[str] | None:
-        if node.observer:
-            try:
-                return self._read(node)
-            finally:
-                connections[self.alias].close()
-        now = time.monotonic()
-        if now < self._next_attempt:
-            return None
+        """Register, clean up and read the table; :class:`DiscoveryError` when it cannot."""
         try:
-            self._register(node)
-            self._remove_stale(node)
+            if not node.observer:
+                self._register(node)
+                self._remove_stale(node)
             addresses = self._read(node)
         except DatabaseError as exc:
-            self._on_failure(exc)
-            return None
+            raise self._failure(exc) from exc
         finally:
             # One short-lived connection per sync: a fleet of N workers must not hold N idle
             # database connections between syncs that are seconds apart.
             connections[self.alias].close()
         self.syncs += 1
-        if self._failures:
-            logger.info("mesh: peer table reachable again on database %r", self.alias)
-        self._failures = 0
-        self._next_attempt = 0.0
         return addresses
+
+    def probe(self) -> None:
+        """Everything a node's sync does to the table, rolled back: raises what a sync would.
+
+        For the system check, which runs on the caller's connection (so it does not close it).
+        """
+        with transaction.atomic(using=self.alias):
+            self._register(_ProbeNode())
+            self._remove_stale(_ProbeNode())
+            transaction.set_rollback(True, using=self.alias)
 
     def leave(self, node: MeshNode) -> None:
         if node.observer:
@@ -91,7 +106,7 @@ class DatabaseRegistry:
         finally:
             connections[self.alias].close()
 
-    def _register(self, node: MeshNode) -> None:
+    def _register(self, node: Registrant) -> None:
         from django_warpmesh.models import Peer
 
         rows = Peer.objects.using(self.alias)
@@ -104,10 +119,11 @@ class DatabaseRegistry:
             "last_seen": Now(),
         }
         if not rows.filter(node_id=node.hex_id).update(**fields):
-            started = datetime.fromtimestamp(node.started_at, tz=timezone.utc)
-            rows.create(node_id=node.hex_id, started_at=started, **fields)
+            # The database's clock, as for last_seen: no aware/naive datetime to get right for
+            # USE_TZ on each backend, and ages computed from the two never mix clocks.
+            rows.create(node_id=node.hex_id, started_at=Now(), **fields)
 
-    def _remove_stale(self, node: MeshNode) -> None:
+    def _remove_stale(self, node: Registrant) -> None:
         from django_warpmesh.models import Peer
 
         cutoff = Now() - timedelta(seconds=self.config.stale_after)
@@ -165,36 +181,43 @@ class DatabaseRegistry:
         self._announced = set(addresses)
         return list(addresses)
 
-    def _on_failure(self, exc: DatabaseError) -> None:
+    def _failure(self, exc: DatabaseError) -> DiscoveryError:
         from django_warpmesh.models import Peer
 
-        self._failures += 1
-        delay = min(self.config.discovery_interval * 2 ** (self._failures - 1), MAX_BACKOFF)
-        self._next_attempt = time.monotonic() + delay
         connection = connections[self.alias]
         connection.close()
+        table = Peer._meta.db_table
         try:
-            missing = Peer._meta.db_table not in connection.introspection.table_names()
+            missing = table not in connection.introspection.table_names()
         except DatabaseError:
             missing = False
-        if self._failures == 1 and not (missing and running_migration_command()):
-            if missing:
-                logger.warning(
-                    "mesh: the peer table %s does not exist on database %r: run "
-                    "'manage.py migrate django_warpmesh'. Keeping the current peers.",
-                    Peer._meta.db_table,
-                    self.alias,
-                )
-            else:
-                logger.warning(
-                    "mesh: cannot reach the peer table on database %r (%s); keeping the "
-                    "current peers and retrying with backoff",
-                    self.alias,
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-                )
-        connection.close()
+        finally:
+            connection.close()
+        if missing:
+            # No node can have registered in a table that does not exist: nobody to wait for.
+            return DiscoveryError(
+                f"the peer table {table} does not exist on database {self.alias!r}: run "
+                "'manage.py migrate django_warpmesh'",
+                alone=True,
+                quiet=running_migration_command(),
+            )
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return DiscoveryError(
+            f"cannot reach the peer table on database {self.alias!r} ({first_line})"
+        )
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message, *args)
+
+
+class _ProbeNode:
+    """What ``_register`` reads of a node, for :meth:`DatabaseRegistry.probe`."""
+
+    hex_id = "warpmesh-system-check"
+    address = "127.0.0.1:0"
+    observer = False
+
+    def store_names(self) -> list[str]:
+        return []

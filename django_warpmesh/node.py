@@ -61,6 +61,25 @@ FRAME_BODY_BUDGET = 256 * 1024
 FALLBACK_TIMEOUT = 5.0
 # Repeated events (rejected frames, gaps): at most one log line per kind per this many seconds.
 LOG_EVERY = 60.0
+# Failed discovery syncs in a row after which the node counts as degraded (entries capped): a
+# peer that joined meanwhile cannot be found, and one failure may be a blip.
+DISCOVERY_FAILURES_DEGRADED = 2
+# Longest wait between two discovery attempts while they fail (they back off from the interval).
+DISCOVERY_MAX_BACKOFF = 60.0
+
+
+class DiscoveryError(Exception):
+    """A registry could not sync; the message says why, for logs, stats and ``mesh_status``.
+
+    ``alone``: the failure itself shows that no peer can have registered (the peer table does
+    not exist yet), so a starting node has nobody to wait for. ``quiet``: expected here (a
+    migration command), not worth a warning.
+    """
+
+    def __init__(self, reason: str, *, alone: bool = False, quiet: bool = False) -> None:
+        super().__init__(reason)
+        self.alone = alone
+        self.quiet = quiet
 
 
 class Wakeup:
@@ -119,7 +138,10 @@ class PeerRegistry(Protocol):
         """Addresses known without waiting (a static list), or None."""
 
     def sync(self, node: MeshNode) -> Iterable[str] | None:
-        """Announce ourselves and return the addresses to connect to (None: keep the current)."""
+        """Announce ourselves and return the addresses to connect to (None: keep the current).
+
+        Raises :class:`DiscoveryError` when it cannot; the node backs off and retries.
+        """
 
     def leave(self, node: MeshNode) -> None: ...
 
@@ -201,6 +223,8 @@ class NullNode:
             "address": None,
             "ready": True,
             "degraded": self.max_timeout is not None,
+            "discovery_error": None,
+            "discovery_failures": 0,
             "peers": [],
             **dict.fromkeys(_COUNTER_NAMES, 0),
             "rejected_by_reason": {},
@@ -238,6 +262,7 @@ class MeshNode:
         self.counters = Counters()
         self.address = ""
         self.max_timeout: float | None = None
+        self.degraded = False
         self.ready = False
         self._clock = clock
         self._stores: dict[str, Store] = {}
@@ -262,6 +287,10 @@ class MeshNode:
         self._dialers: dict[str, Any] = {}
         self._expected: set[str] | None = None  # addresses we know of; None: not known yet
         self._ready_deadline = 0.0
+        # Why the last discovery sync failed (None: it worked), and how many failed in a row.
+        self.discovery_error: str | None = None
+        self.discovery_failures = 0
+        self._sync_now = False
         self._heartbeat_now = threading.Event()
         self._outbox: list[tuple[Kind, Any]] = []
         self._stats_waiters: dict[int, Callable[[bytes, dict[str, Any]], None]] = {}
@@ -875,6 +904,7 @@ class MeshNode:
             self._heartbeat_now.set()
             self._wake.set()
             self._check_ready()
+            self._update_degraded()  # the last unreachable peer may just have answered
 
     def _on_bye(self, peer: Peer) -> None:
         if not peer.observer:
@@ -929,39 +959,93 @@ class MeshNode:
                 )
                 self.counters.peers_lost += 1
                 flush = True
+        # The cap first: an entry stored between the flush and the cap would outlive it.
+        self._update_degraded()
         if flush:
             self._flush_all()
         self._flush_log_limits(now)
         self._check_ready()
-        self._update_degraded()
 
     def _update_degraded(self) -> None:
-        """Cap new entries' lifetime while a peer we know of cannot be reached (see docs)."""
+        """Cap new entries' lifetime while a peer we know of cannot be reached, or while
+        discovery fails (a peer we do not know of may exist): see docs/consistency.md."""
         with self._lock:
             expected = self._expected or set()
             reachable = {
                 a for p in self._peers.values() if p.alive for a in (p.address, p.dialed_as)
             }
-        unreachable = expected - reachable
-        self.max_timeout = self.config.degraded_timeout if unreachable else None
+        self.degraded = bool(expected - reachable) or (
+            self.discovery_failures >= DISCOVERY_FAILURES_DEGRADED
+        )
+        self.max_timeout = self.config.degraded_timeout if self.degraded else None
 
     # -- maintenance (discovery) ----------------------------------------------------------------
 
     def _run_maintenance(self) -> None:
-        interval = self.config.discovery_interval
         next_sync = 0.0
         while not self._stop.is_set():
+            if self._sync_now:
+                self._sync_now = False
+                next_sync = 0.0
             try:
                 if self._clock() >= next_sync:
-                    addresses = self.registry.sync(self)
-                    if addresses is not None:
-                        self.set_peer_addresses(addresses)
-                    next_sync = self._clock() + interval
+                    next_sync = self._clock() + self._sync()
                 self._dial_unparked()
             except Exception:
-                logger.exception("mesh: discovery error (keeping the current peers)")
-                next_sync = self._clock() + interval
+                logger.exception("mesh: maintenance error (continuing)")
             self._maintain.wait(max(0.0, next_sync - self._clock()))
+
+    def sync_soon(self) -> None:
+        """Run discovery now, not at the next interval (the peer table was just created)."""
+        self._sync_now = True
+        self._maintain.set()
+
+    def _sync(self) -> float:
+        """One discovery sync; returns the seconds until the next (backing off while failing)."""
+        interval = self.config.discovery_interval
+        try:
+            addresses = self.registry.sync(self)
+        except DiscoveryError as exc:
+            return self._discovery_failed(str(exc), alone=exc.alone, quiet=exc.quiet)
+        except Exception as exc:
+            # A bug or an unexpected error: the same rules as a database outage, and its trace.
+            if not self.discovery_failures:
+                logger.exception("mesh: discovery error")
+            return self._discovery_failed(f"{type(exc).__name__}: {exc}", quiet=True)
+        if self.discovery_failures:
+            logger.info(
+                "mesh: peer discovery works again after %d failed attempt(s)",
+                self.discovery_failures,
+            )
+            self.discovery_failures, self.discovery_error = 0, None
+            self._update_degraded()
+        if addresses is not None:
+            self.set_peer_addresses(addresses)
+        return interval
+
+    def _discovery_failed(self, reason: str, *, alone: bool = False, quiet: bool = False) -> float:
+        self.discovery_failures += 1
+        self.discovery_error = reason
+        if self.discovery_failures == 1 and not quiet:
+            logger.warning(
+                "mesh: peer discovery failed: %s; keeping the current peers, retrying with backoff",
+                reason,
+            )
+        if self.discovery_failures == DISCOVERY_FAILURES_DEGRADED and not self.observer:
+            logger.warning(
+                "mesh: peer discovery failed %d times in a row (%s): capping new entries at "
+                "DEGRADED_TIMEOUT until it works again",
+                self.discovery_failures,
+                reason,
+            )
+        with self._lock:
+            unknown = self._expected is None
+        if alone and unknown:
+            # Nobody can have registered yet: no start-up window to wait out.
+            self.set_peer_addresses([])
+        self._update_degraded()
+        backoff = self.config.discovery_interval * 2.0 ** (self.discovery_failures - 1)
+        return min(backoff, DISCOVERY_MAX_BACKOFF)
 
     # -- observability --------------------------------------------------------------------------
 
@@ -1022,8 +1106,10 @@ class MeshNode:
             "epoch": self.epoch,
             "started_at": self.started_at,
             "ready": self.ready,
-            "degraded": self.max_timeout is not None,
+            "degraded": self.degraded,
             "discovery": self.registry.description,
+            "discovery_error": self.discovery_error,
+            "discovery_failures": self.discovery_failures,
             "peers": rows,
             **{name: getattr(counters, name) for name in _COUNTER_NAMES},
             "rejected_by_reason": dict(counters.rejected_by_reason),
@@ -1163,6 +1249,11 @@ def set_node_factory(factory: Callable[[], MeshNode | NullNode]) -> None:
     """Installed by the cache layer, which knows the Django settings the node is built from."""
     global _node_factory
     _node_factory = factory
+
+
+def current_node() -> MeshNode | NullNode | None:
+    """This process's node if one was started (or refused), without starting one."""
+    return _current
 
 
 def get_node() -> MeshNode | NullNode:

@@ -216,6 +216,27 @@ def cluster(
         mesh.close()
 
 
+def manage(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``manage.py ARGS`` in a process of its own (tests.settings, the mesh enabled), run to
+    its end: a management command, a cron job, a one-off ``shell -c``."""
+    return subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "WARPMESH_ENABLED": "true",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 # -- a database every process of a test shares --------------------------------------------------
 
 
@@ -229,26 +250,44 @@ def migrate(env: dict[str, str], *args: str) -> None:
     )
 
 
-def pg_connect(dbname: str) -> Any:
-    import psycopg
+def server_connect(dbname: str) -> Any:
+    """An autocommit connection to the PostgreSQL or MariaDB server the suite runs against."""
     from django.conf import settings
 
     db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("mysql"):
+        import pymysql
+
+        return pymysql.connect(
+            host=db["HOST"],
+            port=int(db["PORT"]),
+            user=db["USER"],
+            password=db["PASSWORD"],
+            database=dbname,
+            autocommit=True,
+        )
+    import psycopg
+
     return psycopg.connect(
         host=db["HOST"], port=int(db["PORT"]), user=db["USER"], dbname=dbname, autocommit=True
     )
 
 
+def server_execute(dbname: str, sql: str) -> None:
+    with server_connect(dbname) as conn:
+        conn.cursor().execute(sql)
+
+
 def run_sql(env: dict[str, str], sql: str) -> None:
     """Run one statement on the shared database (not the test database pytest-django made)."""
-    if "WARPMESH_PG_NAME" in env:
-        with pg_connect(env["WARPMESH_PG_NAME"]) as conn:
-            conn.execute(sql)
-    else:
-        import sqlite3
+    for name in ("WARPMESH_PG_NAME", "WARPMESH_MARIADB_NAME"):
+        if name in env:
+            server_execute(env[name], sql)
+            return
+    import sqlite3
 
-        with sqlite3.connect(env["WARPMESH_SQLITE_PATH"]) as conn:
-            conn.execute(sql)
+    with sqlite3.connect(env["WARPMESH_SQLITE_PATH"]) as conn:
+        conn.execute(sql)
 
 
 @contextmanager

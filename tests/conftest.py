@@ -1,33 +1,52 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-from tests.cluster import migrate, pg_connect
+from tests.cluster import migrate, server_execute
 
-SHARED_PG_DATABASE = "test_warpmesh_shared"
+# Where each server's shared database is named in a process's environment (tests/settings.py).
+NAME_VARIABLE = {"postgresql": "WARPMESH_PG_NAME", "mysql": "WARPMESH_MARIADB_NAME"}
+
+
+@contextmanager
+def database_of_its_own(suffix: str, directory: Path) -> Iterator[dict[str, str]]:
+    """A new, empty database on the server the suite runs against (a SQLite file in
+    ``directory`` by default): the environment a process needs to open it."""
+    admin_db = settings.DATABASES["default"]["NAME"]
+    vendor = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[1]
+    if vendor not in NAME_VARIABLE:
+        yield {"WARPMESH_SQLITE_PATH": str(directory / f"{suffix}.sqlite3")}
+        return
+    # Named after this run's test database, so runs with different test databases never collide.
+    name = f"{settings.DATABASES['default']['TEST']['NAME']}_{suffix}"
+    drop = f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if vendor == "postgresql" else "")
+    server_execute(admin_db, drop)
+    server_execute(admin_db, f"CREATE DATABASE {name}")
+    try:
+        yield {NAME_VARIABLE[vendor]: name}
+    finally:
+        server_execute(admin_db, drop)
 
 
 @pytest.fixture(scope="module")
 def shared_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A migrated database of its own that every process of a test opens: the env to reach it.
 
-    A SQLite file, or (with ``WARPMESH_TEST_DB=postgresql``) a PostgreSQL database made here.
+    A SQLite file, or (with ``WARPMESH_TEST_DB=postgresql`` or ``mariadb``) a database made here
+    on that server.
     """
-    admin_db = settings.DATABASES["default"]["NAME"]
-    postgresql = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
-    if postgresql:
-        with pg_connect(admin_db) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {SHARED_PG_DATABASE} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {SHARED_PG_DATABASE}")
-        env = {"WARPMESH_PG_NAME": SHARED_PG_DATABASE}
-    else:
-        path = tmp_path_factory.mktemp("shared") / "shared.sqlite3"
-        env = {"WARPMESH_SQLITE_PATH": str(path)}
-    migrate(env)
-    yield env
-    if postgresql:
-        with pg_connect(admin_db) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {SHARED_PG_DATABASE} WITH (FORCE)")
+    with database_of_its_own("shared", tmp_path_factory.mktemp("shared")) as env:
+        migrate(env)
+        yield env
+
+
+@pytest.fixture
+def empty_db(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A database with no tables at all (``migrate`` not run yet), for one test."""
+    with database_of_its_own("empty", tmp_path) as env:
+        yield env

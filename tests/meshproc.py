@@ -129,7 +129,7 @@ def main() -> None:
         if call == "discovery_syncs":
             return mesh_node.get_node().registry.syncs  # type: ignore[union-attr]
         if call == "discovery_failures":
-            return mesh_node.get_node().registry._failures  # type: ignore[union-attr]
+            return mesh_node.get_node().discovery_failures  # type: ignore[union-attr]
         if call == "db_break":
             # Point every thread's connection at a database that refuses, as an outage would.
             from django.db import connections
@@ -144,6 +144,11 @@ def main() -> None:
             from django.db import connections
 
             connections.settings["default"].update(saved)
+            return True
+        if call == "migrate":
+            from django.core.management import call_command
+
+            call_command("migrate", verbosity=0)
             return True
         if call == "create_product":
             from tests.testapp.models import Product

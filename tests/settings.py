@@ -1,4 +1,8 @@
-"""Settings for the test suite. ``WARPMESH_TEST_DB`` picks SQLite (default) or PostgreSQL."""
+"""Settings for the test suite.
+
+``WARPMESH_TEST_DB`` picks SQLite (default), PostgreSQL or MariaDB; ``WARPMESH_TEST_USE_TZ``
+(``true`` by default) sets ``USE_TZ``, for the time zone matrix of the peer table.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import tempfile
 
 SECRET_KEY = "django-warpmesh-tests-not-secret"
 DEBUG = False
-USE_TZ = True
+USE_TZ = os.environ.get("WARPMESH_TEST_USE_TZ", "true") == "true"
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -47,6 +51,25 @@ if TEST_DB == "postgresql":
             "NAME": os.environ.get("WARPMESH_PG_NAME", "test"),
             "USER": os.environ.get("WARPMESH_PG_USER", "postgres"),
             "TEST": {"NAME": os.environ.get("WARPMESH_PG_TEST_NAME", "test_django_warpmesh")},
+        }
+    }
+elif TEST_DB == "mariadb":
+    # PyMySQL, pure Python, so the test extra installs anywhere (mysqlclient needs the MariaDB
+    # client headers); it stands in for mysqlclient under the name Django's backend imports.
+    import pymysql
+
+    pymysql.version_info = (2, 2, 1, "final", 0)  # the mysqlclient version Django requires
+    pymysql.install_as_MySQLdb()
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.mysql",
+            "HOST": os.environ.get("WARPMESH_MARIADB_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("WARPMESH_MARIADB_PORT", "3306"),
+            "NAME": os.environ.get("WARPMESH_MARIADB_NAME", "test"),
+            "USER": os.environ.get("WARPMESH_MARIADB_USER", "root"),
+            "PASSWORD": os.environ.get("WARPMESH_MARIADB_PASSWORD", ""),
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"NAME": os.environ.get("WARPMESH_MARIADB_TEST_NAME", "test_django_warpmesh")},
         }
     }
 else:

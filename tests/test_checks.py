@@ -11,7 +11,8 @@ from typing import Any
 import pynng
 import pytest
 from django.core.checks import CheckMessage, run_checks
-from django.db import OperationalError, connection, connections
+from django.db import OperationalError, ProgrammingError, connection, connections
+from django.db.models import QuerySet
 
 from django_warpmesh import checks, protocol
 from django_warpmesh.cache import MeshCache
@@ -358,3 +359,35 @@ def test_the_log_lines_of_a_mesh() -> None:
             message="the lost line",
         )
         assert log_of(first).count("mesh: lost peer") == 1
+
+
+@pytest.mark.database
+@pytest.mark.django_db
+def test_e005_what_discovery_would_hit_is_reported_at_start(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_warpmesh.models import Peer
+
+    settings.WARPMESH = {"ENABLED": True}
+    assert checks.check_settings(None) == []
+    assert not Peer.objects.exists()  # the probe's row was rolled back
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ProgrammingError("permission denied for table django_warpmesh_peer")
+
+    monkeypatch.setattr(QuerySet, "update", refuse)
+    (error,) = checks.check_settings(None)
+    assert error.id == "warpmesh.E005"
+    assert error.msg == (
+        "Peer discovery would fail on database 'default': ProgrammingError: permission "
+        "denied for table django_warpmesh_peer"
+    )
+
+
+@pytest.mark.database
+@pytest.mark.django_db
+@pytest.mark.parametrize("use_tz", [True, False])
+def test_the_probe_passes_whatever_use_tz(settings: Any, use_tz: bool) -> None:
+    settings.WARPMESH = {"ENABLED": True}
+    settings.USE_TZ = use_tz
+    assert checks.check_settings(None) == []

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT, Cluster, MeshProcess, cluster, free_ports, run_sql, wait_for
+from tests.cluster import ROOT, Cluster, MeshProcess, cluster, free_ports, manage, run_sql, wait_for
 
 pytestmark = [pytest.mark.mesh, pytest.mark.database]
 
 # Short enough for a test, long enough that a live peer always refreshes in time.
 TIMING = {"HEARTBEAT": 0.2, "DISCOVERY_INTERVAL": 0.3, "STALE_AFTER": 2.0}
+TIMING_DEGRADED_TIMEOUT = 5.0  # the default
 
 
 @pytest.fixture
@@ -144,6 +145,12 @@ def test_database_outage_keeps_the_cache_and_the_mesh(db_env: dict[str, str]) ->
         )
         for proc in mesh.procs:
             assert connected(proc) == set(mesh.addresses) - {proc.address}
+            stats = proc.stats()
+            # A peer started during the outage could not be found: entries are capped.
+            assert stats["degraded"] is True
+            assert "cannot reach the peer table" in stats["discovery_error"]
+            proc.cache("set", "capped", 1, None)
+            assert proc.request("ttl", key="capped") <= TIMING_DEGRADED_TIMEOUT
         evicts_across(mesh, mesh.procs[2], "during-outage")
         for proc in mesh.procs:
             proc.request("db_fix")
@@ -162,8 +169,11 @@ def test_database_outage_keeps_the_cache_and_the_mesh(db_env: dict[str, str]) ->
         evicts_across(mesh, newcomer, "after-outage")
         for proc in mesh.procs[:3]:
             log = proc.request("logged")
-            assert log.count("cannot reach the peer table") == 1, log
-            assert log.count("peer table reachable again") == 1, log
+            assert log.count("peer discovery failed: cannot reach the peer table") == 1, log
+            assert log.count("capping new entries at DEGRADED_TIMEOUT") == 1, log
+            assert log.count("peer discovery works again") == 1, log
+            stats = proc.stats()
+            assert (stats["discovery_error"], stats["degraded"]) == (None, False)
 
 
 def test_garbage_rows_are_skipped(db_env: dict[str, str]) -> None:
@@ -205,19 +215,7 @@ def test_garbage_rows_are_skipped(db_env: dict[str, str]) -> None:
 
 def test_missing_table_is_a_check_error_and_not_a_crash(tmp_path: Path) -> None:
     empty = {"WARPMESH_SQLITE_PATH": str(tmp_path / "empty.sqlite3"), "WARPMESH_TEST_DB": "sqlite"}
-    check = subprocess.run(
-        [sys.executable, "-m", "django", "check"],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "WARPMESH_ENABLED": "true",
-            **empty,
-        },
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    check = manage("check", env=empty)
     assert check.returncode == 1
     assert "warpmesh.E002" in check.stderr
     assert "python manage.py migrate django_warpmesh" in check.stderr
@@ -253,3 +251,22 @@ def test_peer_table_in_another_database(tmp_path: Path, shared_db: dict[str, str
             "peer_rows", using="default"
         )  # the default database stays empty
         assert row_addresses(mesh.procs[0], using="mesh") == set(mesh.addresses)
+
+
+def test_a_missing_peer_table_opens_no_start_up_window(empty_db: dict[str, str]) -> None:
+    # A start-up window and a discovery interval far longer than the test: caching must start
+    # because no peer can be registered in a table that does not exist, and discovery must run
+    # again because migrate created the table, not because time passed.
+    slow = {**TIMING, "STARTUP_WAIT": 60.0, "DISCOVERY_INTERVAL": 60.0, "STALE_AFTER": 120.0}
+    with cluster(1, discovery=True, env=empty_db, **slow) as mesh:
+        (alone,) = mesh.procs
+        wait_for(lambda: alone.request("ready"), 5, message="caching to start")
+        alone.cache("set", "k", "v", None)
+        assert alone.stored("k")
+        stats = alone.stats()
+        assert "does not exist" in stats["discovery_error"]
+        assert not stats["degraded"]  # once is not "keeps failing"
+        alone.request("migrate")
+        wait_for(lambda: alone.request("discovery_failures") == 0, 5, message="discovery at once")
+        assert row_addresses(alone) == {alone.address}
+        assert alone.stats()["discovery_error"] is None

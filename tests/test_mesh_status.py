@@ -21,7 +21,16 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from tests.cluster import ROOT, Cluster, MeshProcess, cluster, free_ports, run_sql, wait_for
+from tests.cluster import (
+    ROOT,
+    Cluster,
+    MeshProcess,
+    cluster,
+    free_ports,
+    manage,
+    run_sql,
+    wait_for,
+)
 
 pytestmark = pytest.mark.mesh
 
@@ -49,6 +58,7 @@ PEER_KEYS = {
     "answering",
     "ready",
     "degraded",
+    "discovery_error",
     "connected",
     "expected",
     "cannot_reach",
@@ -73,15 +83,7 @@ def command_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def mesh_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "django", "mesh_status", *args],
-        cwd=ROOT,
-        env=command_env(env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return manage("mesh_status", *args, env={"WARPMESH_HEARTBEAT": "0.2", **env})
 
 
 def report_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -386,3 +388,28 @@ def test_an_empty_peer_table_is_degraded(status_db: dict[str, str]) -> None:
     assert report["peers"] == []
     assert report["problems"] == [{"kind": "no_peers"}]
     assert report["verdict"].startswith("degraded: no peers (the peer table is empty")
+
+
+@pytest.mark.database
+def test_a_peer_whose_discovery_fails_makes_the_mesh_degraded(status_db: dict[str, str]) -> None:
+    (refusing_port,) = free_ports(1)
+    # Rows outlive the test, so the failing peer stays listed while it cannot refresh its own.
+    with cluster(2, discovery=True, env=status_db, **{**TIMING, "STALE_AFTER": 60.0}) as mesh:
+        mesh.wait_connected()
+        failing = mesh.procs[1]
+        failing.request("db_break", refusing_port=refusing_port)
+        wait_for(lambda: failing.request("discovery_failures") >= 2, 10, message="failed syncs")
+        result = mesh_status("--json", env=status_db)
+        report = report_of(result)
+        assert result.returncode == 1, report["verdict"]
+        assert report["status"] == "degraded"
+        (problem,) = report["problems"]
+        assert (problem["kind"], problem["peer"]) == ("discovery_failing", failing.address)
+        assert "cannot reach the peer table" in problem["reason"]
+        assert f"{failing.address} (" in report["verdict"]
+        assert "cannot use peer discovery" in report["verdict"]
+        assert by_address(report)[failing.address]["degraded"] is True
+
+        failing.request("db_fix")
+        wait_for(lambda: failing.request("discovery_failures") == 0, 10, message="recovery")
+        assert mesh_status("--json", env=status_db).returncode == 0

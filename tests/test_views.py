@@ -227,7 +227,7 @@ def test_stats_and_dashboard_show_the_peers(web_node: tuple[str, Cluster], staff
     )
     stats = client.get(STATS).json()
     assert stats["enabled"] is True
-    assert stats["health"] == "healthy"
+    assert stats["health"] == "healthy", json.dumps(stats)
     assert stats["peer_id"] == stats["node_id"]
     assert stats["address"] == own
     assert (stats["peers_connected"], stats["peers_known"]) == (2, 2)
@@ -286,3 +286,27 @@ def test_an_unreachable_peer_is_shown_as_such(web_node: tuple[str, Cluster], sta
     assert f'<tr data-address="{gone.address}" class="down">' in html
     assert "unreachable" in html
     assert 'class="badge health-degraded"' in html
+
+
+def test_failing_discovery_shows_as_degraded_with_its_reason(
+    staff: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stats = django_warpmesh.mesh_stats()
+    failing = {
+        **stats,
+        "enabled": True,
+        "ready": True,
+        "degraded": True,
+        "discovery_error": "cannot reach the peer table on database 'default' (refused)",
+        "discovery_failures": 4,
+    }
+    monkeypatch.setattr(django_warpmesh, "mesh_stats", lambda: failing)
+    client = logged_in(staff)
+    payload = client.get(STATS).json()
+    assert payload["health"] == "degraded"
+    assert payload["discovery_error"] == failing["discovery_error"]
+    page = client.get(DASHBOARD).content.decode()
+    assert (
+        "Peer discovery is failing (4 attempt(s) in a row): cannot reach the peer table on "
+        "database &#x27;default&#x27; (refused)"
+    ) in page

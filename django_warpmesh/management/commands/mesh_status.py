@@ -458,6 +458,16 @@ def build_report(census: Census, timeout: float) -> dict[str, Any]:
         if not entry["answering"]:
             problems.append({"kind": "not_answering", "peer": entry["address"], "id": entry["id"]})
     for entry in peers:
+        if entry["discovery_error"]:
+            problems.append(
+                {
+                    "kind": "discovery_failing",
+                    "peer": entry["address"],
+                    "id": entry["id"],
+                    "reason": entry["discovery_error"],
+                }
+            )
+    for entry in peers:
         if entry["answering"] and entry["cannot_reach"]:
             problems.append(
                 {
@@ -497,6 +507,8 @@ def _describe(problem: dict[str, Any]) -> str:
     label = _label(problem["peer"], problem.get("id"))
     if problem["kind"] == "not_answering":
         return f"{label} not answering"
+    if problem["kind"] == "discovery_failing":
+        return f"{label} cannot use peer discovery: {problem['reason']}"
     return f"{label} cannot reach {', '.join(problem['unreachable'])}"
 
 
@@ -526,6 +538,7 @@ def _peer_entry(
         "answering": stats is not None,
         "ready": None,
         "degraded": None,
+        "discovery_error": None,
         "connected": None,
         "expected": len(others),
         "cannot_reach": None,
@@ -548,6 +561,7 @@ def _peer_entry(
     entry.update(
         ready=stats.get("ready"),
         degraded=stats.get("degraded"),
+        discovery_error=stats.get("discovery_error"),
         connected=len(reached),
         cannot_reach=[address for address in others if address not in reached],
         latency_ms=round(reply.rtt / 2 * 1000, 3),

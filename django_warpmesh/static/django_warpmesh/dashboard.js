@@ -110,6 +110,11 @@
     var reason = byId("wm-reason");
     reason.textContent = stats.reason || "";
     reason.hidden = !stats.reason;
+    var discoveryError = byId("wm-discovery-error");
+    discoveryError.textContent = stats.discovery_error
+      ? "Peer discovery is failing (" + stats.discovery_failures + " attempt(s) in a row): " + stats.discovery_error
+      : "";
+    discoveryError.hidden = !stats.discovery_error;
     document.querySelectorAll("[data-counter]").forEach(function (element) {
       var value = stats[element.getAttribute("data-counter")];
       element.textContent = value === null || value === undefined ? "0" : String(value);
