@@ -271,6 +271,15 @@ class MeshNode:
         self._overflowed: set[str] = set()
         self._wake = Wakeup()
         self._stop = threading.Event()
+        self._started = False
+        # Leaving (stop): invalidations are no longer held back after this clock reading, and
+        # the goodbye is acknowledged by the peers it was sent to.
+        self._leave_by = math.inf
+        self._leaving = False
+        self._bye_sent = threading.Event()
+        self._bye_recipients: set[bytes] | None = None
+        self._bye_acks: set[bytes] = set()
+        self._bye_acked = threading.Event()
         self._seq = 0
         self._peers: dict[bytes, Peer] = {}
         self._pipe_owner: dict[int, bytes] = {}
@@ -334,6 +343,7 @@ class MeshNode:
         ]
         for thread in self._threads:
             thread.start()
+        self._started = True
         if not self.observer:
             logger.info(
                 "mesh: enabled — peer id %s at %s (%s)",
@@ -364,28 +374,37 @@ class MeshNode:
             f"on {config.bind} ({last_error}); raise WARPMESH['PORT_RANGE'] or set PORT to 0"
         )
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Say goodbye, stop the threads, close the socket. Idempotent, bounded in time."""
-        if self._stop.is_set():
+    def stop(self, timeout: float | None = None) -> None:
+        """Deliver what is queued, say goodbye, stop the threads, close the socket.
+
+        Idempotent and bounded: it waits at most ``timeout`` seconds (default ``max(2 s, 2 x
+        HEARTBEAT)``) for the known peers to be connected, for the queued invalidations and
+        the goodbye to go out, and for the peers to acknowledge the goodbye (which they
+        receive after everything sent before it). A short-lived process (a management command,
+        a cron job) that wrote must not exit before its invalidations have left.
+        """
+        if self._leaving:
             return
-        if self._socket is not None and not self.observer:
+        self._leaving = True
+        linger = max(2.0, 2 * self.config.heartbeat) if timeout is None else timeout
+        deadline = time.monotonic() + linger
+        if self._started and not self.observer:
+            self._leave_by = self._clock() + linger
             with self._lock:
                 self._outbox.append((Kind.BYE, None))
             self._wake.set()
-            # The sender sends what is queued, then the goodbye, then exits.
+            if self._bye_sent.wait(max(0.0, deadline - time.monotonic())):
+                self._bye_acked.wait(max(0.0, deadline - time.monotonic()))
         self._stop.set()
         self._wake.set()
         self._maintain.set()
-        deadline = time.monotonic() + timeout
         current = threading.current_thread()
         sender, receiver, maintenance = self._threads or (None, None, None)
-        # The goodbye goes out first; the maintenance thread must be done with the peer table
-        # before our row is deleted, or its next upsert would bring the row back.
+        # The maintenance thread deletes our row on its way out, on its own connection: never
+        # on the caller's, which may be a request's, inside its transaction.
         for thread in (sender, maintenance):
             if thread is not None and thread is not current:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(Exception):
-            self.registry.leave(self)
         if self._socket is not None:
             with contextlib.suppress(Exception):
                 self._socket.close()
@@ -508,6 +527,7 @@ class MeshNode:
 
     def _become_ready(self, why: str) -> None:
         self.ready = True
+        self._wake.set()  # the invalidations held back until now go out
         if why:
             logger.info("mesh: caching enabled after the start-up wait (%s)", why)
 
@@ -535,10 +555,22 @@ class MeshNode:
 
     def _take_pending(self) -> tuple[list[tuple[str, OpCode, Any]], set[str], list[Any]]:
         with self._lock:
+            outbox, self._outbox = self._outbox, []
+            if self._holding():
+                # The goodbye closes the invalidations: it waits with them.
+                self._outbox = [item for item in outbox if item[0] is Kind.BYE]
+                return [], set(), [item for item in outbox if item[0] is not Kind.BYE]
             queue, self._queue = self._queue, []
             overflowed, self._overflowed = self._overflowed, set()
-            outbox, self._outbox = self._outbox, []
         return queue, overflowed, outbox
+
+    def _holding(self) -> bool:
+        """Invalidations wait for the start-up window to end: the peers known at start are
+        connected by then. Sent before, a frame reaches nobody (nng drops it when no pipe is
+        up) but uses a sequence number, and every peer would then see a first contact that
+        skipped one and flush its whole cache. A leaving node waits at most until it must go.
+        """
+        return not self.ready and self._clock() < self._leave_by
 
     def _send_pending(self) -> None:
         queue, overflowed, outbox = self._take_pending()
@@ -548,7 +580,24 @@ class MeshNode:
             for chunk in protocol.split_ops(ops, budget):
                 self._send_invalidate(chunk)
         for kind, body in outbox:
-            self._send(Kind(kind), body)
+            if kind is Kind.BYE:
+                self._send_bye()
+            else:
+                self._send(Kind(kind), body)
+
+    def _send_bye(self) -> None:
+        with self._lock:
+            self._bye_recipients = {
+                peer.node_id for peer in self._peers.values() if peer.alive and not peer.observer
+            }
+        self._send(Kind.BYE, None)
+        self._bye_sent.set()
+        self._check_bye_acked()
+
+    def _check_bye_acked(self) -> None:
+        recipients = self._bye_recipients
+        if recipients is not None and recipients <= self._bye_acks:
+            self._bye_acked.set()
 
     def _send_invalidate(self, ops: list[Op]) -> None:
         self._seq += 1
@@ -730,6 +779,8 @@ class MeshNode:
                 self._on_stats_request(peer, frame.body)
             elif kind is Kind.STATS_REPLY:
                 self._on_stats_reply(peer, frame.body)
+            elif kind is Kind.BYE_ACK:
+                self._on_bye_ack(peer, frame.body)
         return flush
 
     def _bind_pipe(self, pipe: Any, origin: bytes) -> None:
@@ -910,6 +961,16 @@ class MeshNode:
         if not peer.observer:
             logger.info("mesh: peer %s (%s) left", peer.hex_id, peer.address)
         peer.alive = False
+        if not self.observer and not self._leaving:
+            # Everything it sent before its goodbye has been received: it may exit now.
+            with self._lock:
+                self._outbox.append((Kind.BYE_ACK, peer.node_id))
+            self._wake.set()
+
+    def _on_bye_ack(self, peer: Peer, leaving: bytes) -> None:
+        if leaving == self.node_id:
+            self._bye_acks.add(peer.node_id)
+            self._check_bye_acked()
 
     def _on_stats_request(self, peer: Peer, request_id: int) -> None:
         if self.observer:
@@ -994,6 +1055,8 @@ class MeshNode:
             except Exception:
                 logger.exception("mesh: maintenance error (continuing)")
             self._maintain.wait(max(0.0, next_sync - self._clock()))
+        with contextlib.suppress(Exception):
+            self.registry.leave(self)
 
     def sync_soon(self) -> None:
         """Run discovery now, not at the next interval (the peer table was just created)."""
@@ -1310,7 +1373,7 @@ def _start_node() -> MeshNode | NullNode:
                     cap,
                 )
                 with contextlib.suppress(Exception):
-                    node.stop(timeout=0.5)
+                    node.stop(timeout=0)
                 node = NullNode(f"could not start: {exc}", cap)
         _current = node
         return node

@@ -41,6 +41,7 @@ class Kind(enum.IntEnum):
     BYE = 3
     STATS_REQUEST = 4
     STATS_REPLY = 5
+    BYE_ACK = 6  # body: the id of the node whose goodbye was received (it waits for these)
 
 
 class OpCode(enum.IntEnum):
@@ -220,6 +221,12 @@ def _validate_none(body: object) -> None:
         raise ProtocolError("malformed", "unexpected body")
 
 
+def _validate_node_id(body: object) -> bytes:
+    if not isinstance(body, bytes) or len(body) != NODE_ID_SIZE:
+        raise ProtocolError("malformed", "node id")
+    return body
+
+
 def _validate_stats_request(body: object) -> int:
     if type(body) is not int:
         raise ProtocolError("malformed", "stats request")
@@ -251,6 +258,7 @@ _BODY_VALIDATORS: Final = {
     Kind.BYE: _validate_none,
     Kind.STATS_REQUEST: _validate_stats_request,
     Kind.STATS_REPLY: _validate_stats_reply,
+    Kind.BYE_ACK: _validate_node_id,
 }
 
 

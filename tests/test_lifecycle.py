@@ -1,0 +1,112 @@
+"""Processes as real fleets have them: short-lived writers and joining workers.
+
+A management command, a cron job or ``manage.py shell -c`` writes once and exits at once; a new
+worker writes on its first request, before it is connected to anyone. Their invalidations must
+reach the peers (frames wait for the first connections, and exit waits, bounded, for the peers
+to acknowledge the goodbye that follows them), and their arrival must not make any peer flush
+its whole cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster import MeshProcess, cluster, free_ports, manage, run_sql, wait_for
+
+pytestmark = pytest.mark.mesh
+
+TIMING = {"HEARTBEAT": 0.2, "DISCOVERY_INTERVAL": 0.3, "STALE_AFTER": 5.0}
+
+
+def holds(proc: MeshProcess, *keys: str) -> None:
+    for key in keys:
+        proc.cache("set", key, "old", None)
+        assert proc.stored(key)
+
+
+def shell(code: str, env: dict[str, str]) -> None:
+    """``manage.py shell -c CODE``: a process that writes and exits at once."""
+    result = manage("shell", "-c", code, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def static_writer_env(peer: str) -> dict[str, str]:
+    (port,) = free_ports(1)
+    return {
+        "WARPMESH_PEERS": peer,
+        "WARPMESH_BIND": "127.0.0.1",
+        "WARPMESH_PORT": str(port),
+        "WARPMESH_PORT_RANGE": "1",
+        "WARPMESH_HEARTBEAT": str(TIMING["HEARTBEAT"]),
+    }
+
+
+def evicted_without_a_flush(proc: MeshProcess, key: str, kept: str) -> None:
+    wait_for(lambda: not proc.stored(key), 5, message=f"{key!r} to be evicted")
+    assert proc.stored(kept), "the writer's arrival flushed the whole cache"
+    assert proc.stats()["flushes"] == 0
+
+
+def test_a_short_lived_writer_delivers_its_delete_static_peers() -> None:
+    with cluster(1, **TIMING) as mesh:
+        (peer,) = mesh.procs
+        holds(peer, "k", "other")
+        shell(
+            "from django.core.cache import cache; cache.delete('k')",
+            static_writer_env(peer.address or ""),
+        )
+        evicted_without_a_flush(peer, "k", "other")
+
+
+@pytest.mark.database
+def test_a_short_lived_writer_delivers_its_delete_discovery(shared_db: dict[str, str]) -> None:
+    run_sql(shared_db, "DELETE FROM django_warpmesh_peer")
+    with cluster(1, discovery=True, env=shared_db, **TIMING) as mesh:
+        (peer,) = mesh.procs
+        wait_for(lambda: peer.request("discovery_syncs") >= 1, 5, message="registered")
+        holds(peer, "k", "other")
+        env = {**shared_db, "WARPMESH_BIND": "127.0.0.1", "WARPMESH_PORT": "0"}
+        shell("from django.core.cache import cache; cache.delete('k')", env)
+        evicted_without_a_flush(peer, "k", "other")
+        # It deleted its row on the way out.
+        wait_for(
+            lambda: {row["address"] for row in peer.request("peer_rows")} == {peer.address},
+            5,
+            message="only the long-lived peer's row left",
+        )
+
+
+@pytest.mark.database
+def test_a_management_command_saving_a_model_evicts_the_peers_copies(
+    shared_db: dict[str, str],
+) -> None:
+    run_sql(shared_db, "DELETE FROM django_warpmesh_peer")
+    with cluster(1, discovery=True, env=shared_db, **TIMING) as mesh:
+        (peer,) = mesh.procs
+        wait_for(lambda: peer.request("discovery_syncs") >= 1, 5, message="registered")
+        pk = peer.request("create_product", name="kept", price=1)
+        peer.request("set_tagged", key="row", value="price 1", product=pk)
+        holds(peer, "other")
+        env = {**shared_db, "WARPMESH_BIND": "127.0.0.1", "WARPMESH_PORT": "0"}
+        shell(
+            "from tests.testapp.models import Product; "
+            f"p = Product.objects.get(pk={pk}); p.price = 2; p.save()",
+            env,
+        )
+        evicted_without_a_flush(peer, "row", "other")
+
+
+def test_a_joining_worker_that_writes_at_once_flushes_nobody() -> None:
+    with cluster(2, **TIMING) as mesh:
+        mesh.wait_connected()
+        for proc in mesh.procs:
+            holds(proc, "k", "other")
+        # Its first write happens before it is connected to anyone (as a worker's first
+        # request, right after it was spawned).
+        joining = mesh.add()
+        joining.cache("delete", "k")
+        for proc in mesh.procs[:2]:
+            evicted_without_a_flush(proc, "k", "other")
+        mesh.wait_connected()
+        for proc in mesh.procs[:2]:
+            assert proc.stats()["flushes"] == 0
