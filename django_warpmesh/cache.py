@@ -315,8 +315,10 @@ def invalidate_tags(tags: tuple[str, ...]) -> None:
     node = mesh_node.get_node()
     names = dict.fromkeys((*mesh_locations(), *_stores))
     for name in names:
-        get_store(name).invalidate_tags(tags)
-        node.publish(name, OpCode.TAGS, list(tags))
+        store = get_store(name)
+        with store.lock:
+            store._forget_tags(tags)
+            node.publish(name, OpCode.TAGS, list(tags))
 
 
 mesh_node.set_node_factory(_build_node)
@@ -359,6 +361,11 @@ class MeshCache(LocMemCache):
     def _publish_value(self, node: Any, key: str, pickled: bytes) -> None:
         node.publish(self._name, OpCode.DELETE_UNLESS, (key, pickled))
 
+    # Every write queues its op for the peers while it still holds the store's lock: the sender
+    # keeps each key's last queued op, so ops must be queued in the order the store applied
+    # them. Published after the lock, a refill racing a delete could queue [DELETE, the old
+    # value], and peers holding the old value would keep it. (Lock order: store, then node.)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def add(
@@ -378,7 +385,7 @@ class MeshCache(LocMemCache):
                 return False
             if node.ready:
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
-        self._publish_value(node, key, pickled)
+            self._publish_value(node, key, pickled)
         return True
 
     def set(
@@ -398,7 +405,7 @@ class MeshCache(LocMemCache):
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
             else:
                 self._store._forget(key)
-        self._publish_value(node, key, pickled)
+            self._publish_value(node, key, pickled)
 
     def set_many(
         self,
@@ -438,7 +445,7 @@ class MeshCache(LocMemCache):
             pickled = pickle.dumps(new_value, self.pickle_protocol)
             cache[key] = pickled
             cache.move_to_end(key, last=False)
-        self._publish_value(node, key, pickled)
+            self._publish_value(node, key, pickled)
         return new_value
 
     def delete(self, key: Any, version: int | None = None) -> bool:
@@ -447,8 +454,8 @@ class MeshCache(LocMemCache):
         with self._store.lock:
             existed = key in self._store.cache
             self._store._forget(key)
-        # Peers may hold the key even where we did not.
-        node.publish(self._name, OpCode.DELETE, [key])
+            # Peers may hold the key even where we did not.
+            node.publish(self._name, OpCode.DELETE, [key])
         return existed
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
@@ -459,13 +466,13 @@ class MeshCache(LocMemCache):
         with self._store.lock:
             for key in made:
                 self._store._forget(key)
-        node.publish(self._name, OpCode.DELETE, made)
+            node.publish(self._name, OpCode.DELETE, made)
 
     def clear(self) -> None:
         node = mesh_node.get_node()
         with self._store.lock:
             self._store._forget_all()
-        node.publish(self._name, OpCode.CLEAR, None)
+            node.publish(self._name, OpCode.CLEAR, None)
 
     def delete_pattern(self, pattern: str, version: int | None = None) -> int:
         """Delete every key matching a glob ``pattern`` here and in every peer (as django-redis).
@@ -479,7 +486,7 @@ class MeshCache(LocMemCache):
         node = mesh_node.get_node()
         with self._store.lock:
             deleted = self._store._forget_matching(full_pattern)
-        node.publish(self._name, OpCode.PATTERN, full_pattern)
+            node.publish(self._name, OpCode.PATTERN, full_pattern)
         return deleted
 
     def get_or_set(

@@ -374,7 +374,13 @@ class MeshNode:
             return list(self._stores)
 
     def publish(self, alias: str, code: OpCode, arg: Any) -> None:
-        """Queue one invalidation. Never blocks on the network, never raises."""
+        """Queue one invalidation. Never blocks on the network, never raises.
+
+        Caches call it holding their store's lock, so that ops are queued in the order the store
+        applied them. Hence the lock order: a store's lock, then this node's lock; nothing may
+        take a store's lock while holding the node's (the receiver applies and flushes without
+        it).
+        """
         with self._lock:
             queue = self._queue
             if len(queue) >= self.config.queue_size:
