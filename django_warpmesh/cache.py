@@ -19,13 +19,13 @@ from functools import lru_cache
 from typing import Any
 
 from django.core.cache.backends import locmem
-from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, InvalidCacheKey
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from django_warpmesh import node as mesh_node
-from django_warpmesh.protocol import Op, OpCode, digest
+from django_warpmesh.protocol import Op, OpCode, digest, encodable
 from django_warpmesh.tags import TABLE, marks, normalize, table_of, watches
 
 
@@ -337,6 +337,24 @@ class MeshCache(LocMemCache):
 
     # -- helpers --------------------------------------------------------------------------------
 
+    def validate_key(self, key: Any) -> None:
+        """Django's warnings, and an error for a key the peers cannot be sent.
+
+        Such a key could be stored here but never invalidated anywhere else, so it is refused
+        outright (as the memcached backends refuse theirs), not warned about.
+        """
+        if not isinstance(key, str):
+            raise InvalidCacheKey(
+                f"Cache key must be a str to be sent to the mesh's peers, not "
+                f"{type(key).__name__}: {key!r} (check KEY_FUNCTION)"
+            )
+        super().validate_key(key)
+        if not encodable(key):
+            raise InvalidCacheKey(
+                f"Cache key cannot be sent to the mesh's peers (not valid UTF-8, such as a lone "
+                f"surrogate from os.fsdecode()): {key!r}"
+            )
+
     def _expiry(self, timeout: float | None, cap: float | None) -> float | None:
         expiry = self.get_backend_timeout(timeout)
         if cap is not None:
@@ -483,6 +501,10 @@ class MeshCache(LocMemCache):
         marker = "\x00"
         prefix, _, suffix = self.make_key(marker, version=version).partition(marker)
         full_pattern = glob.escape(prefix) + pattern + glob.escape(suffix)
+        if not encodable(full_pattern):
+            raise InvalidCacheKey(
+                f"Pattern cannot be sent to the mesh's peers (not valid UTF-8): {full_pattern!r}"
+            )
         node = mesh_node.get_node()
         with self._store.lock:
             deleted = self._store._forget_matching(full_pattern)

@@ -274,6 +274,18 @@ def stats_reply_body(reply: StatsReply) -> list[Any]:
     return [reply.request_id, reply.requester, reply.stats]
 
 
+def encodable(text: str) -> bool:
+    """Whether ``text`` can travel in a frame: msgpack sends a str as UTF-8, which a lone
+    surrogate (what ``os.fsdecode`` makes of a non-UTF-8 file name) is not."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def digest(stored: bytes) -> bytes:
     """The digest peers compare to decide whether they hold the same value."""
     return hashlib.blake2b(stored, digest_size=DIGEST_SIZE).digest()
