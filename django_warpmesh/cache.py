@@ -214,19 +214,22 @@ class LocMemStore:
     def end_fill(self, started_at: int, key: str, tags: tuple[str, ...] = ()) -> bool:
         """Close a fill; True if neither ``key`` nor its tags were invalidated since it began."""
         with self.lock:
-            marked = self._marked_at
-            fresh = (
-                self._cleared_at <= started_at
-                and self._invalidated_at.get(key, 0) <= started_at
-                and not any(
-                    marked.get(watch, 0) > started_at for tag in tags for watch in watches(tag)
-                )
-            )
-            self._open_fills -= 1
-            if not self._open_fills:
-                self._invalidated_at.clear()
-                marked.clear()
-            return fresh
+            return self.close_fill(started_at, key, tags)
+
+    def close_fill(self, started_at: int, key: str, tags: tuple[str, ...] = ()) -> bool:
+        """:meth:`end_fill` with ``self.lock`` held: a caller that stores what it computed
+        checks freshness and stores under one acquisition, so nothing lands in between."""
+        marked = self._marked_at
+        fresh = (
+            self._cleared_at <= started_at
+            and self._invalidated_at.get(key, 0) <= started_at
+            and not any(marked.get(watch, 0) > started_at for tag in tags for watch in watches(tag))
+        )
+        self._open_fills -= 1
+        if not self._open_fills:
+            self._invalidated_at.clear()
+            marked.clear()
+        return fresh
 
 
 _stores: dict[str, LocMemStore] = {}
@@ -525,16 +528,31 @@ class MeshCache(LocMemCache):
         normalized = normalize(tags)
         # Already validated by get(): validating again would warn twice, unlike LocMemCache.
         made = self.make_key(key, version=version)
-        started_at = self._store.begin_fill()
+        store = self._store
+        started_at = store.begin_fill()
+        closed = False
         try:
             if callable(default):
                 default = default()
+            self.make_and_validate_key(key, version=version)  # add()'s warnings, as LocMemCache
+            # Pickled inside the fill (pickling a large queryset result takes a while, and an
+            # invalidation landing meanwhile must count), then checked and stored under one
+            # acquisition of the lock, as add() would store it.
+            pickled = pickle.dumps(default, self.pickle_protocol)
+            node = mesh_node.get_node()
+            with store.lock:
+                closed = True
+                if not store.close_fill(started_at, made, normalized):
+                    # Invalidated while we computed it: return it, but do not cache it.
+                    return default
+                if store.has_expired(made):
+                    if node.ready:
+                        expiry = self._expiry(timeout, node.max_timeout)
+                        self._put(made, pickled, expiry, normalized)
+                    self._publish_value(node, made, pickled)
         finally:
-            fresh = self._store.end_fill(started_at, made, normalized)
-        if not fresh:
-            # It was invalidated while we computed it: return it, but do not cache it.
-            return default
-        self.add(key, default, timeout=timeout, version=version, tags=normalized)
+            if not closed:
+                store.end_fill(started_at, made, normalized)
         # Fetch again in case another caller added a value first (as Django's get_or_set).
         return self.get(key, default, version=version)
 

@@ -1779,6 +1779,52 @@ def test_failed_computation_closes_the_fill(node: RecordingNode, clock: Clock) -
     assert cache.get("k") == "value"
 
 
+class InvalidatedWhilePickled:
+    """A value whose pickling lets an invalidation land, as a peer's would while a large
+    queryset result is being pickled. It unpickles as the string "computed"."""
+
+    def __init__(self, cache: MeshCache, ops: list[Op]) -> None:
+        self.cache = cache
+        self.ops = ops
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        ops, self.ops = self.ops, []
+        if ops:
+            self.cache._store.apply(ops)  # as the node's receiver thread would, meanwhile
+        return (str, ("computed",))
+
+
+@pytest.mark.parametrize(
+    "make_ops",
+    [
+        pytest.param(lambda name: [Op(name, OpCode.DELETE, [":1:k"])], id="delete"),
+        pytest.param(lambda name: [Op(name, OpCode.TAGS, ["s:t"])], id="tags"),
+        pytest.param(lambda name: [Op(name, OpCode.CLEAR, None)], id="clear"),
+    ],
+)
+def test_an_invalidation_landing_while_the_value_is_pickled_is_not_missed(
+    node: RecordingNode, clock: Clock, make_ops: Callable[[str], list[Op]]
+) -> None:
+    cache = mesh()
+    value = InvalidatedWhilePickled(cache, make_ops(cache._name))
+    assert cache.get_or_set("k", lambda: value, tags=["t"]) is value
+    assert cache.has_key("k") is False
+    assert node.published == []
+    assert cache._store._open_fills == 0
+    # Pickled again, with nothing landing meanwhile: stored.
+    assert cache.get_or_set("k", value, tags=["t"]) == "computed"
+    assert cache.get("k") == "computed"
+
+
+def test_an_unpicklable_value_closes_the_fill(node: RecordingNode, clock: Clock) -> None:
+    cache = mesh()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        cache.get_or_set("k", lambda: lambda: None)
+    assert cache._store._open_fills == 0
+    assert cache.has_key("k") is False
+    assert node.published == []
+
+
 def test_aget_or_set_does_not_store_a_value_invalidated_while_computed(
     node: RecordingNode, clock: Clock
 ) -> None:
