@@ -28,6 +28,10 @@ from django_warpmesh import node as mesh_node
 from django_warpmesh.protocol import Op, OpCode, digest, encodable
 from django_warpmesh.tags import TABLE, marks, normalize, table_of, watches
 
+# Invalidations remembered at most for the fills in progress (per kind: keys, tag marks). Past
+# that, the oldest open fills are treated as cleared (not stored: a miss, never stale data).
+MAX_FILL_NOTES = 10_000
+
 
 class LocMemStore:
     """One cache name's storage, shared by every thread's ``MeshCache`` instance.
@@ -45,8 +49,13 @@ class LocMemStore:
         self.lock: threading.Lock = shared["_locks"].setdefault(name, threading.Lock())
         self._generation = 0
         self._open_fills = 0
-        self._invalidated_at: dict[str, int] = {}
-        self._marked_at: dict[str, int] = {}
+        # Generation a fill began at -> how many fills that began then are still open.
+        self._fill_starts: dict[int, int] = {}
+        # What was invalidated while fills were open, oldest first: an entry no open fill began
+        # before is pruned when a fill closes, so overlapping fills (a threaded worker is never
+        # without one) keep only what the oldest open fill may still need.
+        self._invalidated_at: OrderedDict[str, int] = OrderedDict()
+        self._marked_at: OrderedDict[str, int] = OrderedDict()
         self._cleared_at = 0
         # The tag index: only keys present in the cache appear here, so it shrinks as entries
         # are deleted, expire or are culled, and evicting a tag costs what it evicts.
@@ -129,7 +138,17 @@ class LocMemStore:
             self._untag(key)
         self._generation += 1
         if self._open_fills:
-            self._invalidated_at[key] = self._generation
+            self._note(self._invalidated_at, key)
+
+    def _note(self, notes: OrderedDict[str, int], name: str) -> None:
+        notes[name] = self._generation
+        notes.move_to_end(name)
+        if len(notes) > MAX_FILL_NOTES:
+            # A fill open for very long (stuck, or thousands of invalidations meanwhile): stop
+            # tracking names, and count it as a clear for every fill open now.
+            self._cleared_at = self._generation
+            self._invalidated_at.clear()
+            self._marked_at.clear()
 
     def _forget_all(self) -> None:
         self.cache.clear()
@@ -159,7 +178,7 @@ class LocMemStore:
         if self._open_fills:
             for tag in tags:
                 for mark in marks(tag):
-                    self._marked_at[mark] = self._generation
+                    self._note(self._marked_at, mark)
         return len(doomed)
 
     def invalidate_tags(self, tags: Iterable[str]) -> int:
@@ -209,7 +228,9 @@ class LocMemStore:
     def begin_fill(self) -> int:
         with self.lock:
             self._open_fills += 1
-            return self._generation
+            started_at = self._generation
+            self._fill_starts[started_at] = self._fill_starts.get(started_at, 0) + 1
+            return started_at
 
     def end_fill(self, started_at: int, key: str, tags: tuple[str, ...] = ()) -> bool:
         """Close a fill; True if neither ``key`` nor its tags were invalidated since it began."""
@@ -225,11 +246,39 @@ class LocMemStore:
             and self._invalidated_at.get(key, 0) <= started_at
             and not any(marked.get(watch, 0) > started_at for tag in tags for watch in watches(tag))
         )
+        open_since = self._fill_starts.get(started_at)
+        if open_since is None:
+            # Begun before this process was forked: the invalidations since went to the parent.
+            return False
         self._open_fills -= 1
+        if open_since > 1:
+            self._fill_starts[started_at] = open_since - 1
+        else:
+            del self._fill_starts[started_at]
         if not self._open_fills:
             self._invalidated_at.clear()
             marked.clear()
+            return fresh
+        oldest = min(self._fill_starts)
+        for notes in (self._invalidated_at, marked):
+            while notes:
+                name, at = next(iter(notes.items()))
+                if at > oldest:
+                    break
+                del notes[name]
         return fresh
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's lock, entries and fills are not this process's."""
+        self.lock._at_fork_reinit()  # type: ignore[attr-defined]
+        # Another thread of the parent may have held the lock at fork time; what the parent
+        # cached was kept coherent by the parent's node, not ours. Counted as a clear, so that
+        # a fill this thread began before the fork (it goes on here) does not store either.
+        self._forget_all()
+        self._open_fills = 0
+        self._fill_starts.clear()
+        self._invalidated_at.clear()
+        self._marked_at.clear()
 
 
 _stores: dict[str, LocMemStore] = {}
@@ -259,12 +308,8 @@ def _build_node() -> mesh_node.MeshNode | mesh_node.NullNode:
 
 
 def _reset_after_fork() -> None:
-    # Another thread of the parent may have held a store's lock at fork time; and what the
-    # parent cached was kept coherent by the parent's node, not ours, so it cannot be trusted.
     for store in _stores.values():
-        store.lock._at_fork_reinit()  # type: ignore[attr-defined]
-        store.cache.clear()
-        store.expire_info.clear()
+        store.reset_after_fork()
 
 
 # Callables that may veto storing a tagged value (the ORM layer's "uncommitted in this thread").

@@ -1294,6 +1294,10 @@ class RecordingLock:
     def __exit__(self, *exc: object) -> Any:
         return self.lock.__exit__(*exc)
 
+    def _at_fork_reinit(self) -> None:
+        # The store stays registered after the test: a fork in a later test resets it too.
+        self.lock._at_fork_reinit()
+
 
 def _probe(cache: LocMemCache) -> RecordingLock:
     probe = RecordingLock(cache._lock)
