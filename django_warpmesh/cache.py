@@ -19,14 +19,18 @@ from functools import lru_cache
 from typing import Any
 
 from django.core.cache.backends import locmem
-from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, InvalidCacheKey
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from django_warpmesh import node as mesh_node
-from django_warpmesh.protocol import Op, OpCode, digest
+from django_warpmesh.protocol import Op, OpCode, digest, encodable
 from django_warpmesh.tags import TABLE, marks, normalize, table_of, watches
+
+# Invalidations remembered at most for the fills in progress (per kind: keys, tag marks). Past
+# that, the oldest open fills are treated as cleared (not stored: a miss, never stale data).
+MAX_FILL_NOTES = 10_000
 
 
 class LocMemStore:
@@ -45,8 +49,13 @@ class LocMemStore:
         self.lock: threading.Lock = shared["_locks"].setdefault(name, threading.Lock())
         self._generation = 0
         self._open_fills = 0
-        self._invalidated_at: dict[str, int] = {}
-        self._marked_at: dict[str, int] = {}
+        # Generation a fill began at -> how many fills that began then are still open.
+        self._fill_starts: dict[int, int] = {}
+        # What was invalidated while fills were open, oldest first: an entry no open fill began
+        # before is pruned when a fill closes, so overlapping fills (a threaded worker is never
+        # without one) keep only what the oldest open fill may still need.
+        self._invalidated_at: OrderedDict[str, int] = OrderedDict()
+        self._marked_at: OrderedDict[str, int] = OrderedDict()
         self._cleared_at = 0
         # The tag index: only keys present in the cache appear here, so it shrinks as entries
         # are deleted, expire or are culled, and evicting a tag costs what it evicts.
@@ -129,7 +138,17 @@ class LocMemStore:
             self._untag(key)
         self._generation += 1
         if self._open_fills:
-            self._invalidated_at[key] = self._generation
+            self._note(self._invalidated_at, key)
+
+    def _note(self, notes: OrderedDict[str, int], name: str) -> None:
+        notes[name] = self._generation
+        notes.move_to_end(name)
+        if len(notes) > MAX_FILL_NOTES:
+            # A fill open for very long (stuck, or thousands of invalidations meanwhile): stop
+            # tracking names, and count it as a clear for every fill open now.
+            self._cleared_at = self._generation
+            self._invalidated_at.clear()
+            self._marked_at.clear()
 
     def _forget_all(self) -> None:
         self.cache.clear()
@@ -159,7 +178,7 @@ class LocMemStore:
         if self._open_fills:
             for tag in tags:
                 for mark in marks(tag):
-                    self._marked_at[mark] = self._generation
+                    self._note(self._marked_at, mark)
         return len(doomed)
 
     def invalidate_tags(self, tags: Iterable[str]) -> int:
@@ -209,24 +228,57 @@ class LocMemStore:
     def begin_fill(self) -> int:
         with self.lock:
             self._open_fills += 1
-            return self._generation
+            started_at = self._generation
+            self._fill_starts[started_at] = self._fill_starts.get(started_at, 0) + 1
+            return started_at
 
     def end_fill(self, started_at: int, key: str, tags: tuple[str, ...] = ()) -> bool:
         """Close a fill; True if neither ``key`` nor its tags were invalidated since it began."""
         with self.lock:
-            marked = self._marked_at
-            fresh = (
-                self._cleared_at <= started_at
-                and self._invalidated_at.get(key, 0) <= started_at
-                and not any(
-                    marked.get(watch, 0) > started_at for tag in tags for watch in watches(tag)
-                )
-            )
-            self._open_fills -= 1
-            if not self._open_fills:
-                self._invalidated_at.clear()
-                marked.clear()
+            return self.close_fill(started_at, key, tags)
+
+    def close_fill(self, started_at: int, key: str, tags: tuple[str, ...] = ()) -> bool:
+        """:meth:`end_fill` with ``self.lock`` held: a caller that stores what it computed
+        checks freshness and stores under one acquisition, so nothing lands in between."""
+        marked = self._marked_at
+        fresh = (
+            self._cleared_at <= started_at
+            and self._invalidated_at.get(key, 0) <= started_at
+            and not any(marked.get(watch, 0) > started_at for tag in tags for watch in watches(tag))
+        )
+        open_since = self._fill_starts.get(started_at)
+        if open_since is None:
+            # Begun before this process was forked: the invalidations since went to the parent.
+            return False
+        self._open_fills -= 1
+        if open_since > 1:
+            self._fill_starts[started_at] = open_since - 1
+        else:
+            del self._fill_starts[started_at]
+        if not self._open_fills:
+            self._invalidated_at.clear()
+            marked.clear()
             return fresh
+        oldest = min(self._fill_starts)
+        for notes in (self._invalidated_at, marked):
+            while notes:
+                name, at = next(iter(notes.items()))
+                if at > oldest:
+                    break
+                del notes[name]
+        return fresh
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's lock, entries and fills are not this process's."""
+        self.lock._at_fork_reinit()  # type: ignore[attr-defined]
+        # Another thread of the parent may have held the lock at fork time; what the parent
+        # cached was kept coherent by the parent's node, not ours. Counted as a clear, so that
+        # a fill this thread began before the fork (it goes on here) does not store either.
+        self._forget_all()
+        self._open_fills = 0
+        self._fill_starts.clear()
+        self._invalidated_at.clear()
+        self._marked_at.clear()
 
 
 _stores: dict[str, LocMemStore] = {}
@@ -256,12 +308,8 @@ def _build_node() -> mesh_node.MeshNode | mesh_node.NullNode:
 
 
 def _reset_after_fork() -> None:
-    # Another thread of the parent may have held a store's lock at fork time; and what the
-    # parent cached was kept coherent by the parent's node, not ours, so it cannot be trusted.
     for store in _stores.values():
-        store.lock._at_fork_reinit()  # type: ignore[attr-defined]
-        store.cache.clear()
-        store.expire_info.clear()
+        store.reset_after_fork()
 
 
 # Callables that may veto storing a tagged value (the ORM layer's "uncommitted in this thread").
@@ -315,8 +363,10 @@ def invalidate_tags(tags: tuple[str, ...]) -> None:
     node = mesh_node.get_node()
     names = dict.fromkeys((*mesh_locations(), *_stores))
     for name in names:
-        get_store(name).invalidate_tags(tags)
-        node.publish(name, OpCode.TAGS, list(tags))
+        store = get_store(name)
+        with store.lock:
+            store._forget_tags(tags)
+            node.publish(name, OpCode.TAGS, list(tags))
 
 
 mesh_node.set_node_factory(_build_node)
@@ -334,6 +384,24 @@ class MeshCache(LocMemCache):
         self._store = get_store(name)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def validate_key(self, key: Any) -> None:
+        """Django's warnings, and an error for a key the peers cannot be sent.
+
+        Such a key could be stored here but never invalidated anywhere else, so it is refused
+        outright (as the memcached backends refuse theirs), not warned about.
+        """
+        if not isinstance(key, str):
+            raise InvalidCacheKey(
+                f"Cache key must be a str to be sent to the mesh's peers, not "
+                f"{type(key).__name__}: {key!r} (check KEY_FUNCTION)"
+            )
+        super().validate_key(key)
+        if not encodable(key):
+            raise InvalidCacheKey(
+                f"Cache key cannot be sent to the mesh's peers (not valid UTF-8, such as a lone "
+                f"surrogate from os.fsdecode()): {key!r}"
+            )
 
     def _expiry(self, timeout: float | None, cap: float | None) -> float | None:
         expiry = self.get_backend_timeout(timeout)
@@ -359,6 +427,11 @@ class MeshCache(LocMemCache):
     def _publish_value(self, node: Any, key: str, pickled: bytes) -> None:
         node.publish(self._name, OpCode.DELETE_UNLESS, (key, pickled))
 
+    # Every write queues its op for the peers while it still holds the store's lock: the sender
+    # keeps each key's last queued op, so ops must be queued in the order the store applied
+    # them. Published after the lock, a refill racing a delete could queue [DELETE, the old
+    # value], and peers holding the old value would keep it. (Lock order: store, then node.)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def add(
@@ -378,7 +451,7 @@ class MeshCache(LocMemCache):
                 return False
             if node.ready:
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
-        self._publish_value(node, key, pickled)
+            self._publish_value(node, key, pickled)
         return True
 
     def set(
@@ -398,7 +471,7 @@ class MeshCache(LocMemCache):
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
             else:
                 self._store._forget(key)
-        self._publish_value(node, key, pickled)
+            self._publish_value(node, key, pickled)
 
     def set_many(
         self,
@@ -438,7 +511,7 @@ class MeshCache(LocMemCache):
             pickled = pickle.dumps(new_value, self.pickle_protocol)
             cache[key] = pickled
             cache.move_to_end(key, last=False)
-        self._publish_value(node, key, pickled)
+            self._publish_value(node, key, pickled)
         return new_value
 
     def delete(self, key: Any, version: int | None = None) -> bool:
@@ -447,8 +520,8 @@ class MeshCache(LocMemCache):
         with self._store.lock:
             existed = key in self._store.cache
             self._store._forget(key)
-        # Peers may hold the key even where we did not.
-        node.publish(self._name, OpCode.DELETE, [key])
+            # Peers may hold the key even where we did not.
+            node.publish(self._name, OpCode.DELETE, [key])
         return existed
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
@@ -459,13 +532,13 @@ class MeshCache(LocMemCache):
         with self._store.lock:
             for key in made:
                 self._store._forget(key)
-        node.publish(self._name, OpCode.DELETE, made)
+            node.publish(self._name, OpCode.DELETE, made)
 
     def clear(self) -> None:
         node = mesh_node.get_node()
         with self._store.lock:
             self._store._forget_all()
-        node.publish(self._name, OpCode.CLEAR, None)
+            node.publish(self._name, OpCode.CLEAR, None)
 
     def delete_pattern(self, pattern: str, version: int | None = None) -> int:
         """Delete every key matching a glob ``pattern`` here and in every peer (as django-redis).
@@ -476,10 +549,14 @@ class MeshCache(LocMemCache):
         marker = "\x00"
         prefix, _, suffix = self.make_key(marker, version=version).partition(marker)
         full_pattern = glob.escape(prefix) + pattern + glob.escape(suffix)
+        if not encodable(full_pattern):
+            raise InvalidCacheKey(
+                f"Pattern cannot be sent to the mesh's peers (not valid UTF-8): {full_pattern!r}"
+            )
         node = mesh_node.get_node()
         with self._store.lock:
             deleted = self._store._forget_matching(full_pattern)
-        node.publish(self._name, OpCode.PATTERN, full_pattern)
+            node.publish(self._name, OpCode.PATTERN, full_pattern)
         return deleted
 
     def get_or_set(
@@ -496,16 +573,31 @@ class MeshCache(LocMemCache):
         normalized = normalize(tags)
         # Already validated by get(): validating again would warn twice, unlike LocMemCache.
         made = self.make_key(key, version=version)
-        started_at = self._store.begin_fill()
+        store = self._store
+        started_at = store.begin_fill()
+        closed = False
         try:
             if callable(default):
                 default = default()
+            self.make_and_validate_key(key, version=version)  # add()'s warnings, as LocMemCache
+            # Pickled inside the fill (pickling a large queryset result takes a while, and an
+            # invalidation landing meanwhile must count), then checked and stored under one
+            # acquisition of the lock, as add() would store it.
+            pickled = pickle.dumps(default, self.pickle_protocol)
+            node = mesh_node.get_node()
+            with store.lock:
+                closed = True
+                if not store.close_fill(started_at, made, normalized):
+                    # Invalidated while we computed it: return it, but do not cache it.
+                    return default
+                if store.has_expired(made):
+                    if node.ready:
+                        expiry = self._expiry(timeout, node.max_timeout)
+                        self._put(made, pickled, expiry, normalized)
+                    self._publish_value(node, made, pickled)
         finally:
-            fresh = self._store.end_fill(started_at, made, normalized)
-        if not fresh:
-            # It was invalidated while we computed it: return it, but do not cache it.
-            return default
-        self.add(key, default, timeout=timeout, version=version, tags=normalized)
+            if not closed:
+                store.end_fill(started_at, made, normalized)
         # Fetch again in case another caller added a value first (as Django's get_or_set).
         return self.get(key, default, version=version)
 

@@ -422,7 +422,13 @@ class MeshNode:
             return list(self._stores)
 
     def publish(self, alias: str, code: OpCode, arg: Any) -> None:
-        """Queue one invalidation. Never blocks on the network, never raises."""
+        """Queue one invalidation. Never blocks on the network, never raises.
+
+        Caches call it holding their store's lock, so that ops are queued in the order the store
+        applied them. Hence the lock order: a store's lock, then this node's lock; nothing may
+        take a store's lock while holding the node's (the receiver applies and flushes without
+        it).
+        """
         with self._lock:
             queue = self._queue
             if len(queue) >= self.config.queue_size:
@@ -575,9 +581,26 @@ class MeshNode:
     def _send_pending(self) -> None:
         queue, overflowed, outbox = self._take_pending()
         if queue or overflowed:
-            ops = coalesce(queue, overflowed)
             budget = min(FRAME_BODY_BUDGET, self.config.max_frame_bytes - protocol.FRAME_OVERHEAD)
-            for chunk in protocol.split_ops(ops, budget):
+            try:
+                chunks = protocol.split_ops(coalesce(queue, overflowed), budget)
+            except Exception:
+                # Something msgpack cannot encode (a tag with a lone surrogate, say): the batch
+                # is already off the queue, and dropping it would lose it unseen. Cache by
+                # cache, what can be split is sent as usual; the rest goes whole to
+                # _send_invalidate, which sends a CLEAR of that cache instead.
+                chunks = []
+                for alias in dict.fromkeys([*overflowed, *(entry[0] for entry in queue)]):
+                    try:
+                        ops = coalesce([e for e in queue if e[0] == alias], overflowed & {alias})
+                    except Exception:
+                        self._log_once("coalesce", "mesh: cannot coalesce invalidations; clearing")
+                        ops = [Op(alias, OpCode.CLEAR, None)]
+                    try:
+                        chunks += protocol.split_ops(ops, budget)
+                    except Exception:
+                        chunks.append(ops)
+            for chunk in chunks:
                 self._send_invalidate(chunk)
         for kind, body in outbox:
             if kind is Kind.BYE:
@@ -600,16 +623,28 @@ class MeshNode:
             self._bye_acked.set()
 
     def _send_invalidate(self, ops: list[Op]) -> None:
+        # The seq is taken before anything can fail: a frame that is never sent still leaves a
+        # gap that peers see on our next frame (a heartbeat at the latest), and they flush.
         self._seq += 1
         frame = Frame(Kind.INVALIDATE, self.node_id, self.epoch, self._seq, protocol.ops_body(ops))
         try:
             data = self.codec.encode(frame)
-        except protocol.ProtocolError:
-            # One key larger than a frame: tell peers to drop that whole cache instead.
+        except Exception as exc:
+            # One key larger than a frame (a ProtocolError), or something msgpack cannot
+            # encode: tell peers to drop that whole cache instead.
+            if not isinstance(exc, protocol.ProtocolError):
+                self.counters.send_errors += 1
+                self._log_once(
+                    "encode",
+                    "mesh: cannot encode an invalidation (%r); peers clear that cache instead",
+                    exc,
+                )
             aliases = dict.fromkeys(op.alias for op in ops)
             clear = [Op(alias, OpCode.CLEAR, None) for alias in aliases]
-            frame = frame._replace(body=protocol.ops_body(clear))
-            data = self.codec.encode(frame)
+            try:
+                data = self.codec.encode(frame._replace(body=protocol.ops_body(clear)))
+            except Exception:
+                return  # not even that (a cache's own name): peers flush on the seq's gap
         if self._send_bytes(data):
             self.counters.invalidations_sent += len(ops)
             self.counters.keys_sent += sum(

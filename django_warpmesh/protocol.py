@@ -20,8 +20,10 @@ import dataclasses
 import enum
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
-from typing import Any, Final, NamedTuple, TypeAlias
+import io
+import pickle
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Final, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -282,9 +284,106 @@ def stats_reply_body(reply: StatsReply) -> list[Any]:
     return [reply.request_id, reply.requester, reply.stats]
 
 
+def encodable(text: str) -> bool:
+    """Whether ``text`` can travel in a frame: msgpack sends a str as UTF-8, which a lone
+    surrogate (what ``os.fsdecode`` makes of a non-UTF-8 file name) is not."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# The digest of a pickle holding a set is taken over a canonical form, costly per byte (about
+# 0.15 ms per KB of small objects; see docs/consistency.md): over this size, over the bytes.
+CANONICAL_LIMIT: Final = 16 * 1024
+# A non-empty set in a pickle of protocol 4 or later is EMPTY_SET, MEMOIZE, MARK; a frozenset
+# ends with FROZENSET, MEMOIZE. The same bytes can occur in data too: that only costs the check.
+_SET_OPCODES: Final = (b"\x8f\x94(", b"\x91\x94")
+
+
 def digest(stored: bytes) -> bytes:
-    """The digest peers compare to decide whether they hold the same value."""
+    """The digest peers compare to decide whether they hold the same value.
+
+    ``stored`` is a value as this process's cache pickled it, never bytes from the wire. Equal
+    values pickled by two processes must get the same digest, or each fill evicts the other's
+    copy. Their pickles differ where a set or frozenset is: its order follows the hash seed of
+    the process that pickled it. So a pickle that holds one is digested in a canonical form
+    (each set's elements in a fixed order). A dict's order, by contrast, survives pickling and
+    shows to readers: dicts in different orders are different values here.
+    """
+    if len(stored) <= CANONICAL_LIMIT and (_SET_OPCODES[0] in stored or _SET_OPCODES[1] in stored):
+        canonical = _canonical_pickle(stored)
+        if canonical is not None:
+            stored = canonical
     return hashlib.blake2b(stored, digest_size=DIGEST_SIZE).digest()
+
+
+def _canonical_pickle(stored: bytes) -> bytes | None:
+    """The value in ``stored`` pickled again with its sets in order; None if that fails."""
+    if stored[:1] != pickle.PROTO or len(stored) < 2 or stored[1] < 4:
+        return None
+    try:
+        value = pickle.loads(stored)
+        buffer = io.BytesIO()
+        _CanonicalPickler(buffer, stored[1]).dump(value)
+    except Exception:
+        # Not a pickle, a class gone, a recursion too deep for the pure-Python pickler: such a
+        # value is compared by its bytes, which is never wrong, only a miss on a peer.
+        return None
+    return buffer.getvalue()
+
+
+class _CanonicalPickler(pickle._Pickler):
+    """Python's own pickler, writing each set's elements in an order that does not depend on
+    the hash seed: by the element itself for str, bytes and int, else by its canonical pickle.
+    Used for digests only; nothing it writes is ever unpickled."""
+
+    proto: int
+    memo: dict[int, tuple[int, Any]]
+    write: Callable[[bytes], object]
+    save: Callable[[Any], None]
+    memoize: Callable[[Any], None]
+    get: Callable[[int], bytes]
+
+    def _in_order(self, items: Iterable[Any]) -> list[Any]:
+        return sorted(items, key=self._order_key)
+
+    def _order_key(self, item: Any) -> tuple[int, str, Any]:
+        kind = type(item)
+        if kind is str or kind is bytes or kind is int:
+            return (0, kind.__name__, item)
+        buffer = io.BytesIO()
+        _CanonicalPickler(buffer, self.proto).dump(item)
+        return (1, "", buffer.getvalue())
+
+    def _save_set(self, obj: set[Any]) -> None:
+        self.write(pickle.EMPTY_SET)
+        self.memoize(obj)
+        items = self._in_order(obj)
+        if items:
+            self.write(pickle.MARK)
+            for item in items:
+                self.save(item)
+            self.write(pickle.ADDITEMS)
+
+    def _save_frozenset(self, obj: frozenset[Any]) -> None:
+        self.write(pickle.MARK)
+        for item in self._in_order(obj):
+            self.save(item)
+        if id(obj) in self.memo:  # it contains itself: what was written is dropped
+            self.write(pickle.POP_MARK + self.get(self.memo[id(obj)][0]))
+            return
+        self.write(pickle.FROZENSET)
+        self.memoize(obj)
+
+    dispatch: ClassVar[dict[type, Callable[..., None]]] = {
+        **pickle._Pickler.dispatch,
+        set: _save_set,
+        frozenset: _save_frozenset,
+    }
 
 
 def split_ops(ops: Sequence[Op], budget: int) -> list[list[Op]]:

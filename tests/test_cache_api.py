@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import inspect
 import itertools
+import os
 import pickle
 import threading
 import warnings
@@ -24,11 +25,12 @@ from typing import Any
 import pytest
 from django.core.cache.backends import base as cache_base
 from django.core.cache.backends import locmem
-from django.core.cache.backends.base import BaseCache, CacheKeyWarning
+from django.core.cache.backends.base import BaseCache, CacheKeyWarning, InvalidCacheKey
 from django.core.cache.backends.locmem import LocMemCache
 
 from django_warpmesh import cache as mesh_cache
 from django_warpmesh import node as mesh_node
+from django_warpmesh import protocol
 from django_warpmesh.cache import MeshCache
 from django_warpmesh.node import coalesce
 from django_warpmesh.protocol import Op, OpCode, digest
@@ -44,6 +46,11 @@ def unique_location(label: str) -> str:
 def reversed_key_func(key: str, key_prefix: str, version: int) -> str:
     """A KEY_FUNCTION importable by dotted path."""
     return f"{version}|{key_prefix}|{key[::-1]}"
+
+
+def bytes_key_func(key: str, key_prefix: str, version: int) -> bytes:
+    """A KEY_FUNCTION whose keys LocMemCache takes but the wire (str keys) cannot carry."""
+    return f"{key_prefix}:{version}:{key}".encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -958,6 +965,69 @@ def test_get_or_set_miss_warns_as_often_as_locmem(clock: Clock) -> None:
     assert counts[0] == counts[1]
 
 
+# -- keys the peers cannot be sent ---------------------------------------------------------------
+
+# What os.fsdecode() makes of file names that are not UTF-8: lone surrogates, which msgpack (the
+# wire) cannot encode. Such a key could be stored here but never invalidated on the peers.
+UNSENDABLE_KEYS = [os.fsdecode(b"caf\xe9"), "\udcff"]
+
+KEY_CALLS: list[tuple[str, Callable[[MeshCache, str], Any]]] = [
+    ("get", lambda cache, key: cache.get(key)),
+    ("set", lambda cache, key: cache.set(key, 1)),
+    ("add", lambda cache, key: cache.add(key, 1)),
+    ("get_or_set", lambda cache, key: cache.get_or_set(key, 1)),
+    ("set_many", lambda cache, key: cache.set_many({"safe": 1, key: 2})),
+    ("get_many", lambda cache, key: cache.get_many([key])),
+    ("delete", lambda cache, key: cache.delete(key)),
+    ("delete_many", lambda cache, key: cache.delete_many(["safe", key])),
+    ("incr", lambda cache, key: cache.incr(key)),
+    ("touch", lambda cache, key: cache.touch(key)),
+    ("has_key", lambda cache, key: cache.has_key(key)),
+    ("delete_pattern", lambda cache, key: cache.delete_pattern(key + "*")),
+    ("aset", lambda cache, key: asyncio.run(cache.aset(key, 1))),
+]
+
+
+@pytest.mark.parametrize("key", UNSENDABLE_KEYS)
+@pytest.mark.parametrize(("name", "call"), KEY_CALLS, ids=[n for n, _ in KEY_CALLS])
+def test_a_key_that_cannot_be_sent_to_peers_is_rejected_at_the_call(
+    node: RecordingNode, clock: Clock, key: str, name: str, call: Callable[[MeshCache, str], Any]
+) -> None:
+    assert "\udce9" in UNSENDABLE_KEYS[0]  # the platform decodes file names as assumed
+    cache = mesh()
+    with pytest.raises(InvalidCacheKey, match="cannot be sent to the mesh"):
+        call(cache, key)
+    # Nothing half-done: the store holds at most the valid key of a batch, as LocMemCache's
+    # set_many would, and every op that was queued can be sent.
+    assert all(k == ":1:safe" for k in cache._store.cache)
+    coalesced = coalesce(node.published, set())
+    assert all(
+        protocol.encodable(k) for op in coalesced if op.code is OpCode.DELETE for k in op.args
+    )
+    assert all(
+        protocol.encodable(k)
+        for op in coalesced
+        for k, _ in op.args
+        if op.code is OpCode.DELETE_UNLESS
+    )
+
+
+def test_a_key_function_must_make_str_keys(node: RecordingNode, clock: Clock) -> None:
+    cache = mesh({"KEY_FUNCTION": "tests.test_cache_api.bytes_key_func"})
+    with pytest.raises(InvalidCacheKey, match="must be a str"):
+        cache.set("k", 1)
+    assert node.published == []
+    assert dict(cache._store.cache) == {}
+
+
+def test_valid_non_ascii_keys_are_still_accepted(node: RecordingNode, clock: Clock) -> None:
+    cache = mesh()
+    cache.set("ünïcode✓", 1)
+    assert cache.get("ünïcode✓") == 1
+    (published,) = node.published
+    assert_value_published(cache, published, ":1:ünïcode✓", 1)
+
+
 # -- async twins ---------------------------------------------------------------------------------
 
 ASYNC_TWINS = sorted(
@@ -1223,6 +1293,10 @@ class RecordingLock:
 
     def __exit__(self, *exc: object) -> Any:
         return self.lock.__exit__(*exc)
+
+    def _at_fork_reinit(self) -> None:
+        # The store stays registered after the test: a fork in a later test resets it too.
+        self.lock._at_fork_reinit()
 
 
 def _probe(cache: LocMemCache) -> RecordingLock:
@@ -1707,6 +1781,52 @@ def test_failed_computation_closes_the_fill(node: RecordingNode, clock: Clock) -
     assert cache._store._open_fills == 0
     assert cache.get_or_set("k", "value") == "value"
     assert cache.get("k") == "value"
+
+
+class InvalidatedWhilePickled:
+    """A value whose pickling lets an invalidation land, as a peer's would while a large
+    queryset result is being pickled. It unpickles as the string "computed"."""
+
+    def __init__(self, cache: MeshCache, ops: list[Op]) -> None:
+        self.cache = cache
+        self.ops = ops
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        ops, self.ops = self.ops, []
+        if ops:
+            self.cache._store.apply(ops)  # as the node's receiver thread would, meanwhile
+        return (str, ("computed",))
+
+
+@pytest.mark.parametrize(
+    "make_ops",
+    [
+        pytest.param(lambda name: [Op(name, OpCode.DELETE, [":1:k"])], id="delete"),
+        pytest.param(lambda name: [Op(name, OpCode.TAGS, ["s:t"])], id="tags"),
+        pytest.param(lambda name: [Op(name, OpCode.CLEAR, None)], id="clear"),
+    ],
+)
+def test_an_invalidation_landing_while_the_value_is_pickled_is_not_missed(
+    node: RecordingNode, clock: Clock, make_ops: Callable[[str], list[Op]]
+) -> None:
+    cache = mesh()
+    value = InvalidatedWhilePickled(cache, make_ops(cache._name))
+    assert cache.get_or_set("k", lambda: value, tags=["t"]) is value
+    assert cache.has_key("k") is False
+    assert node.published == []
+    assert cache._store._open_fills == 0
+    # Pickled again, with nothing landing meanwhile: stored.
+    assert cache.get_or_set("k", value, tags=["t"]) == "computed"
+    assert cache.get("k") == "computed"
+
+
+def test_an_unpicklable_value_closes_the_fill(node: RecordingNode, clock: Clock) -> None:
+    cache = mesh()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        cache.get_or_set("k", lambda: lambda: None)
+    assert cache._store._open_fills == 0
+    assert cache.has_key("k") is False
+    assert node.published == []
 
 
 def test_aget_or_set_does_not_store_a_value_invalidated_while_computed(

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import itertools
+import pickle
+import queue
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from hypothesis import given
+from django.core.cache.backends import locmem
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from django_warpmesh import cache as mesh_cache
+from django_warpmesh import node as mesh_node
+from django_warpmesh.cache import MeshCache
 from django_warpmesh.node import coalesce
 from django_warpmesh.protocol import Op, OpCode, digest
 
@@ -134,3 +144,236 @@ def test_coalescing_is_never_weaker_than_the_queue_in_order(
             _apply(last_written, alias, code, args, dig=False)
     for entry, value in coalesced.items():
         assert entry in in_order or last_written.get(entry) == value, (entry, value)
+
+
+# -- property: what the writer applied, in the order it applied it, is what peers get ----------
+#
+# Worker threads drive one real MeshCache, run one at a time by a scheduler that switches
+# between them only where they publish (inside or outside the store's lock, wherever the cache
+# publishes) or find the store's lock taken. Hypothesis picks the switches, so every order in
+# which two writers can interleave is reachable, and each run is reproducible.
+
+WORKER_KEYS = ("a", "b", "ab")
+WORKER_TAG = {"a": "x", "b": "y", "ab": "x"}
+STEP_TIMEOUT = 10.0
+
+
+class Scheduler:
+    """Lets one worker thread run at a time, until it reaches its next switch point."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.reports: queue.Queue[str] = queue.Queue()
+        self.turns: dict[int, threading.Semaphore] = {}
+
+    def switch(self, why: str) -> None:
+        """Called by the running worker: hand control back and wait for its next turn."""
+        if not self.running:
+            return
+        turn = self.turns[threading.get_ident()]
+        self.reports.put(why)
+        assert turn.acquire(timeout=STEP_TIMEOUT), "the scheduler never gave this worker a turn"
+
+    def run(self, workers: list[Callable[[], None]], schedule: list[int], lock: ProbeLock) -> None:
+        states: dict[int, str] = {}
+        turns: list[threading.Semaphore] = []
+        errors: list[BaseException] = []
+        started = threading.Barrier(len(workers) + 1, timeout=STEP_TIMEOUT)
+
+        def body(work: Callable[[], None], turn: threading.Semaphore) -> None:
+            self.turns[threading.get_ident()] = turn
+            started.wait()
+            assert turn.acquire(timeout=STEP_TIMEOUT)
+            try:
+                work()
+            except BaseException as exc:  # reported to the test's thread below
+                errors.append(exc)
+            finally:
+                self.reports.put("done")
+
+        threads = []
+        for work in workers:
+            turn = threading.Semaphore(0)
+            turns.append(turn)
+            threads.append(threading.Thread(target=body, args=(work, turn), daemon=True))
+        for index, thread in enumerate(threads):
+            states[index] = "ready"
+            thread.start()
+        started.wait()
+        self.running = True
+        choices = iter(schedule)
+        try:
+            while any(state != "done" for state in states.values()):
+                runnable = [
+                    index
+                    for index, state in states.items()
+                    if state == "ready" or (state == "blocked" and not lock.locked())
+                ]
+                assert runnable, f"every worker waits: {states}"
+                chosen = runnable[next(choices, 0) % len(runnable)]
+                turns[chosen].release()
+                states[chosen] = self.reports.get(timeout=STEP_TIMEOUT)
+        finally:
+            self.running = False
+            for thread in threads:
+                thread.join(STEP_TIMEOUT)
+        if errors:
+            raise errors[0]
+
+
+class ProbeLock:
+    """The store's lock, as a switch point for the scheduler when another worker holds it."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._lock = threading.Lock()
+        self._scheduler = scheduler
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._scheduler.running:
+            return self._lock.acquire(blocking, timeout)
+        while not self._lock.acquire(blocking=False):
+            if not blocking:
+                return False
+            self._scheduler.switch("blocked")
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _at_fork_reinit(self) -> None:
+        self._lock = threading.Lock()
+
+
+class InterleavingNode:
+    """The process's node for the workers: records what is queued, a switch point before it."""
+
+    enabled = True
+    ready = True
+    max_timeout: float | None = None
+
+    def __init__(self, alias: str, scheduler: Scheduler) -> None:
+        self.alias = alias
+        self.scheduler = scheduler
+        self.queued: list[tuple[str, OpCode, Any]] = []
+
+    def register_store(self, name: str, store: Any) -> None:
+        pass
+
+    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
+        if alias == self.alias:
+            self.scheduler.switch("ready")
+            self.queued.append((alias, code, arg))
+
+
+worker_ops = st.one_of(
+    st.tuples(st.sampled_from(("set", "add", "get_or_set")), st.sampled_from(WORKER_KEYS)),
+    st.tuples(st.sampled_from(("delete", "incr")), st.sampled_from(WORKER_KEYS)),
+    st.tuples(st.just("delete_many"), st.sampled_from(WORKER_KEYS)),
+    st.tuples(st.just("clear"), st.none()),
+    st.tuples(st.just("delete_pattern"), st.sampled_from(("a*", "b"))),
+    st.tuples(st.just("invalidate"), st.sampled_from(("x", "y"))),
+)
+
+
+def _worker(cache: MeshCache, ops: list[tuple[str, Any]], value: int) -> Callable[[], None]:
+    def work() -> None:
+        for name, arg in ops:
+            if name in ("set", "add", "get_or_set"):
+                getattr(cache, name)(arg, value, tags=[WORKER_TAG[arg]])
+            elif name == "delete":
+                cache.delete(arg)
+            elif name == "incr":
+                with contextlib.suppress(ValueError):
+                    cache.incr(arg)
+            elif name == "delete_many":
+                cache.delete_many([arg, "b"])
+            elif name == "clear":
+                cache.clear()
+            elif name == "delete_pattern":
+                cache.delete_pattern(arg)
+            else:
+                mesh_cache.invalidate(arg)
+
+    return work
+
+
+def _concerns(entry: tuple[str, OpCode, Any], key: str) -> bool:
+    _, code, arg = entry
+    if code is OpCode.DELETE:
+        return key in arg
+    if code is OpCode.DELETE_UNLESS:
+        return bool(arg[0] == key)
+    if code is OpCode.PATTERN:
+        return fnmatch.fnmatchcase(key, arg)
+    if code is OpCode.TAGS:
+        return "s:" + WORKER_TAG[key.rsplit(":", 1)[1]] in arg
+    return True  # CLEAR
+
+
+_interleaved = itertools.count()
+
+
+@given(
+    workloads=st.lists(st.lists(worker_ops, min_size=1, max_size=3), min_size=2, max_size=3),
+    schedule=st.lists(st.integers(0, 2), max_size=24),
+    cuts=st.sets(st.integers(1, 12), max_size=3),
+    # The peer holds every key, each with one of the values the workers write.
+    peer=st.fixed_dictionaries({key: st.integers(1, 3) for key in WORKER_KEYS}),
+)
+@example(
+    # A refill racing a delete: the set is applied first, the delete's op is queued first.
+    workloads=[[("set", "a")], [("delete", "a")]],
+    schedule=[0, 1, 1, 0],
+    cuts=set(),
+    peer={"a": 1, "b": 1, "ab": 1},
+)
+@settings(deadline=None, max_examples=300)
+def test_peers_end_with_what_the_writer_holds_whatever_the_interleaving(
+    workloads: list[list[tuple[str, Any]]],
+    schedule: list[int],
+    cuts: set[int],
+    peer: dict[str, int],
+) -> None:
+    scheduler = Scheduler()
+    name = f"test-coalesce-interleaved-{next(_interleaved)}"
+    lock = ProbeLock(scheduler)
+    locmem._locks[name] = lock  # type: ignore[attr-defined]
+    node = InterleavingNode(name, scheduler)
+    saved_node, mesh_node._current = mesh_node._current, node  # type: ignore[assignment]
+    peer_store = mesh_cache.LocMemStore(f"{name}-peer")
+    try:
+        cache = MeshCache(name, {"OPTIONS": {"MAX_ENTRIES": 1000}})
+        workers = [_worker(cache, ops, value) for value, ops in enumerate(workloads, 1)]
+        scheduler.run(workers, schedule, lock)
+        for key, value in peer.items():
+            tags = ("s:" + WORKER_TAG[key],)
+            peer_store.put(
+                f":1:{key}", pickle.dumps(value, cache.pickle_protocol), None, 1000, 3, tags=tags
+            )
+        # The sender takes the queue in batches (wherever it woke up) and coalesces each one.
+        queued = node.queued
+        bounds = [0, *sorted(cut for cut in cuts if cut < len(queued)), len(queued)]
+        for start, end in itertools.pairwise(bounds):
+            peer_store.apply(coalesce(queued[start:end], set()))
+        writer = dict(cache._store.cache)
+        for key, stored in peer_store.cache.items():
+            assert writer.get(key) == stored or not any(_concerns(e, key) for e in queued), (
+                key,
+                pickle.loads(stored),
+                queued,
+            )
+    finally:
+        mesh_node._current = saved_node
+        for store_name in (name, f"{name}-peer"):
+            mesh_cache._stores.pop(store_name, None)
+            for shared in ("_caches", "_expire_info", "_locks"):
+                vars(locmem)[shared].pop(store_name, None)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import os
+import pickle
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
@@ -12,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from django_warpmesh import protocol
+from django_warpmesh.cache import MeshCache
 from django_warpmesh.protocol import (
     DIGEST_SIZE,
     FRAME_OVERHEAD,
@@ -27,6 +33,8 @@ from django_warpmesh.protocol import (
     ProtocolError,
     StatsReply,
 )
+from tests import digestproc
+from tests.cluster import ROOT
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -214,11 +222,77 @@ def test_short_key_is_rejected() -> None:
 # --- digest -----------------------------------------------------------------------------------
 
 
-def test_digest_is_blake2b_of_the_stored_bytes() -> None:
+def test_digest_is_blake2b_of_stored_bytes_that_hold_no_set() -> None:
     assert protocol.digest(b"value") == hashlib.blake2b(b"value", digest_size=8).digest()
     assert len(protocol.digest(b"")) == DIGEST_SIZE
     assert protocol.digest(b"value") == protocol.digest(b"value")
     assert protocol.digest(b"value") != protocol.digest(b"valuf")
+
+
+def _digests_under_hash_seed(seed: str) -> dict[str, list[str]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.digestproc"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report: dict[str, list[str]] = json.loads(result.stdout)
+    return report
+
+
+def test_equal_values_holding_sets_have_one_digest_whatever_the_hash_seed() -> None:
+    """A value filled on two processes must not make each other's copy look stale."""
+    seeds = [_digests_under_hash_seed(seed) for seed in ("1", "2", "3")]
+    here = MeshCache(f"test-protocol-digest-{os.getpid()}", {})
+    held = digestproc.stored(here)
+    for name, data in held.items():
+        pickles = {report[name][0] for report in seeds}
+        # The seeds did change the pickles (the sets' order), so the digest had work to do.
+        assert len(pickles) > 1, name
+        assert {report[name][1] for report in seeds} == {protocol.digest(data).hex()}, name
+    # So this process, as a peer, keeps its own copies when another one writes equal values.
+    writer = seeds[0]
+    keys = {name: here.make_key(f"value{index}") for index, name in enumerate(held)}
+    unless = [[keys[name], bytes.fromhex(writer[name][1])] for name in held]
+    here._store.apply([Op(here._name, OpCode.DELETE_UNLESS, unless)])
+    for index, (name, value) in enumerate(digestproc.VALUES.items()):
+        assert here.get(f"value{index}") == value, name
+
+
+def test_dict_order_is_part_of_the_value() -> None:
+    # Unlike a set's, a dict's order survives pickling and shows (iteration, JSON, templates):
+    # a write that only reorders a dict must still evict the peers' copies.
+    first = pickle.dumps({"a": 1, "b": {"x"}}, pickle.HIGHEST_PROTOCOL)
+    reordered = pickle.dumps({"b": {"x"}, "a": 1}, pickle.HIGHEST_PROTOCOL)
+    assert protocol.digest(first) != protocol.digest(reordered)
+
+
+def test_unequal_sets_have_different_digests() -> None:
+    def of(value: Any) -> bytes:
+        return protocol.digest(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+
+    assert of({"a", "b"}) != of({"a", "c"})
+    assert of({"a", "b"}) != of(frozenset({"a", "b"}))
+    assert of({1, 2}) != of({1.0, 2.0})  # equal for ==, not the same value to a reader
+    assert of([{"a", "b"}, {"c"}]) != of([{"a"}, {"b", "c"}])
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(
+            pickle.dumps([{"big", "set"}, "x" * protocol.CANONICAL_LIMIT], 5), id="over-the-limit"
+        ),
+        pytest.param(pickle.dumps({"old", "protocol"}, 3), id="protocol-3"),
+        pytest.param(b"\x80\x05\x8f\x94(not a pickle", id="not-a-pickle"),
+    ],
+)
+def test_digest_falls_back_to_the_stored_bytes(stored: bytes) -> None:
+    """Where docs/consistency.md says the digest is the stored bytes' after all."""
+    assert protocol.digest(stored) == hashlib.blake2b(stored, digest_size=DIGEST_SIZE).digest()
 
 
 def test_digest_passes_delete_unless_validation(codec: Codec) -> None:
