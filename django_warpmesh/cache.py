@@ -292,7 +292,7 @@ def get_store(name: str) -> LocMemStore:
             store = _stores.get(name)
             if store is None:
                 store = _stores[name] = LocMemStore(name)
-                node = mesh_node._current
+                node = mesh_node.current_node()
                 if node is not None:
                     node.register_store(name, store)
     return store
