@@ -149,6 +149,7 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     messages += _check_peer_source(config, installed, mesh_caches)
     messages += _check_secret(config)
     messages += _check_prefork(config, os.environ)
+    messages += _check_uwsgi_threads()
     return messages
 
 
@@ -313,6 +314,77 @@ def _as_int(value: str | None) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+# Options that turn Python threads on in uWSGI before 2.0.27, whatever their value (even
+# `threads = 1`): those flagged UWSGI_OPT_THREADS in its core and plugins.
+UWSGI_THREADS_OPTIONS = frozenset(
+    {
+        "threads",
+        "thread-stacksize",
+        "thread-stack-size",
+        "threads-stacksize",
+        "threads-stack-size",
+        "py-tracebacker",
+        "py-auto-reload",
+        "py-autoreload",
+        "python-auto-reload",
+        "python-autoreload",
+        "py-auto-reload-ignore",
+        "gevent",
+        "asyncio",
+        "tornado",
+        "goroutines",
+    }
+)
+
+
+def _check_uwsgi_threads() -> list[CheckMessage]:
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None or uwsgi_threads_enabled(uwsgi):
+        return []
+    return [
+        Warning(
+            "This process runs under uWSGI with Python threads disabled: a worker then holds "
+            "the GIL while it waits for a request, so the mesh's sender, receiver and "
+            "maintenance threads stall whenever it is idle. It sends no heartbeats (its peers "
+            "count it lost and flush their caches) and applies the others' invalidations late, "
+            "so a request can read an entry another instance has changed.",
+            id="warpmesh.W006",
+            hint="Set 'enable-threads = true' in the uWSGI configuration (--enable-threads).",
+        )
+    ]
+
+
+def uwsgi_threads_enabled(uwsgi: Any) -> bool:
+    """Whether the uWSGI running this process lets Python threads run besides the request's."""
+    has_threads = getattr(uwsgi, "has_threads", None)
+    if has_threads is not None:
+        # uWSGI's own verdict after all its options and defaults (exported since 1.0).
+        return bool(has_threads)
+    # A `uwsgi` module without it: uWSGI's rule, from the options it was started with.
+    if tuple(getattr(uwsgi, "version_info", ())[:3]) >= (2, 0, 27):
+        return True  # always on since 2.0.27; `enable-threads` is a no-op there
+    options = {_text(key): value for key, value in (getattr(uwsgi, "opt", None) or {}).items()}
+    if not UWSGI_THREADS_OPTIONS.isdisjoint(options):
+        return True
+    return _uwsgi_true(options.get("enable-threads"))
+
+
+def _uwsgi_true(value: object) -> bool:
+    """A boolean option's value in `uwsgi.opt` the way uWSGI reads it (uwsgi_opt_true)."""
+    if isinstance(value, list):  # given several times: the last one is applied last
+        value = value[-1] if value else None
+    if value is None:
+        return False
+    if value is True:  # a flag given without a value, e.g. `--enable-threads`
+        return True
+    return _text(value).lower() not in {"false", "off", "no", "0"}
+
+
+def _text(value: object) -> str:
+    # uWSGI exports option names as str but values as bytes under Python 3.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @register("warpmesh")

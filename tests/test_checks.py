@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
+import types
 from typing import Any
 
 import pynng
@@ -227,6 +229,65 @@ def test_prefork_server_detection() -> None:
     # Gunicorn without a worker count on its command line: a config file may set several.
     assert checks.prefork_server({"GUNICORN_CMD_ARGS": "--bind :8000"}) is not None
     assert checks.prefork_server({"WEB_CONCURRENCY": "lots"}) is None
+
+
+# -- warpmesh.W006: uWSGI with Python threads disabled ---------------------------------------
+
+
+def fake_uwsgi(monkeypatch: pytest.MonkeyPatch, **attributes: object) -> None:
+    """The module uWSGI puts in sys.modules of its workers; one worker, so W003 stays out."""
+    module = types.ModuleType("uwsgi")
+    for name, value in {"numproc": 1, **attributes}.items():
+        setattr(module, name, value)
+    monkeypatch.setitem(sys.modules, "uwsgi", module)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "warned"),
+    [
+        # What uWSGI decided: every uWSGI since 1.0 exports it, whatever set it.
+        ({"has_threads": 0, "opt": {"master": True}}, True),
+        ({"has_threads": 1, "opt": {"enable-threads": b"true"}}, False),
+        ({"has_threads": 1, "opt": {}, "version_info": (2, 0, 28, 0, b"")}, False),
+        # Without it, from the options: names are str, values bytes (True for a bare flag).
+        ({"opt": {}, "version_info": (2, 0, 26, 0, b"")}, True),
+        ({"opt": {"enable-threads": True}}, False),
+        ({"opt": {"enable-threads": b"true"}}, False),
+        ({"opt": {"enable-threads": b"1"}}, False),
+        ({"opt": {"enable-threads": b"false"}}, True),
+        ({"opt": {"enable-threads": b"Off"}}, True),
+        ({"opt": {"enable-threads": [b"true", b"0"]}}, True),  # the last one wins
+        ({"opt": {"enable-threads": [b"0", True]}}, False),
+        ({"opt": {b"enable-threads": b"yes"}}, False),
+        ({"opt": {"threads": b"4"}}, False),
+        ({"opt": {"threads": b"1"}}, False),  # any `threads` turns them on
+        ({"opt": {"py-autoreload": b"2"}}, False),
+        ({"opt": {"processes": b"4", "master": True}}, True),
+        ({}, True),
+        ({"opt": {}, "version_info": (2, 0, 27, 0, b"")}, False),  # always on since 2.0.27
+    ],
+)
+def test_w006_uwsgi_without_threads(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, attributes: dict[str, object], warned: bool
+) -> None:
+    fake_uwsgi(monkeypatch, **attributes)
+    settings.WARPMESH = PEERS
+    messages = deployment()
+    assert ids(messages) == (["warpmesh.W006"] if warned else [])
+    if warned:
+        assert "enable-threads = true" in str(messages[0].hint)
+
+
+def test_w006_silent_outside_uwsgi_and_with_the_mesh_disabled(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(sys.modules, "uwsgi", raising=False)
+    settings.WARPMESH = PEERS
+    assert deployment() == []
+    fake_uwsgi(monkeypatch, has_threads=0, opt={})
+    assert ids(deployment()) == ["warpmesh.W006"]
+    settings.WARPMESH = {**PEERS, "ENABLED": False}
+    assert deployment() == []
 
 
 # -- warpmesh.E004: the dashboard permission ------------------------------------------------
