@@ -71,7 +71,7 @@ class DatabaseRegistry:
     def sync(self, node: MeshNode) -> Iterable[str] | None:
         """Register, clean up and read the table; :class:`DiscoveryError` when it cannot."""
         try:
-            if not node.observer:
+            if node.address:  # not an observer, nor a node that could not listen
                 self._register(node)
                 self._remove_stale(node)
             addresses = self._read(node)
@@ -95,7 +95,7 @@ class DatabaseRegistry:
             transaction.set_rollback(True, using=self.alias)
 
     def leave(self, node: MeshNode) -> None:
-        if node.observer:
+        if not node.address:
             return
         from django_warpmesh.models import Peer
 

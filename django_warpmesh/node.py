@@ -225,6 +225,7 @@ class NullNode:
             "degraded": self.max_timeout is not None,
             "discovery_error": None,
             "discovery_failures": 0,
+            "listen_error": None,
             "peers": [],
             **dict.fromkeys(_COUNTER_NAMES, 0),
             "rejected_by_reason": {},
@@ -261,6 +262,7 @@ class MeshNode:
         self.codec = protocol.Codec(key, max_frame_bytes=config.max_frame_bytes)
         self.counters = Counters()
         self.address = ""
+        self.listen_error: str | None = None
         self.max_timeout: float | None = None
         self.degraded = False
         self.ready = False
@@ -330,8 +332,20 @@ class MeshNode:
         self._socket.add_post_pipe_connect_cb(self._on_pipe_connect)
         self._socket.add_post_pipe_remove_cb(self._on_pipe_remove)
         if not self.observer:
-            port = self._listen()
-            self.address = _advertised_address(config, port)
+            try:
+                port = self._listen()
+            except (OSError, pynng.NNGException) as exc:
+                # Dialling out still works: this process reaches its peers, which accept its
+                # connections, so its writes are delivered and theirs reach it. Only being
+                # dialled (and listed in the peer table) is lost.
+                self.listen_error = str(exc)
+                logger.error(
+                    "mesh: cannot listen (%s); this process dials its peers but cannot be "
+                    "dialled, and is not listed in the peer table",
+                    exc,
+                )
+            else:
+                self.address = _advertised_address(config, port)
         self._ready_deadline = self._clock() + config.effective_startup_wait
         initial = self.registry.initial()
         if initial is not None:
@@ -1208,6 +1222,7 @@ class MeshNode:
             "discovery": self.registry.description,
             "discovery_error": self.discovery_error,
             "discovery_failures": self.discovery_failures,
+            "listen_error": self.listen_error,
             "peers": rows,
             **{name: getattr(counters, name) for name in _COUNTER_NAMES},
             "rejected_by_reason": dict(counters.rejected_by_reason),

@@ -9,6 +9,8 @@ its whole cache.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.cluster import MeshProcess, cluster, free_ports, manage, run_sql, wait_for
@@ -110,3 +112,58 @@ def test_a_joining_worker_that_writes_at_once_flushes_nobody() -> None:
         mesh.wait_connected()
         for proc in mesh.procs[:2]:
             assert proc.stats()["flushes"] == 0
+
+
+def test_a_node_that_cannot_listen_still_delivers_and_receives() -> None:
+    with cluster(2, **TIMING) as mesh:
+        mesh.wait_connected()
+        # Its only port is taken (by the first peer): it can dial, not be dialled.
+        config = {**mesh.config(0), "PEERS": list(mesh.addresses)}
+        dialling = MeshProcess(config)
+        try:
+            assert dialling.request("start")["address"] == ""
+            stats = dialling.stats()
+            assert "Address in use" in stats["listen_error"], stats["listen_error"]
+            wait_for(lambda: dialling.request("ready"), 5, message="its peers to answer")
+            for proc in mesh.procs:
+                holds(proc, "from-dialling", "other")
+            dialling.cache("delete", "from-dialling")
+            for proc in mesh.procs:
+                evicted_without_a_flush(proc, "from-dialling", "other")
+            holds(dialling, "to-dialling")
+            mesh.procs[1].cache("delete", "to-dialling")
+            wait_for(lambda: not dialling.stored("to-dialling"), 5, message="a peer's delete")
+        finally:
+            dialling.close()
+
+
+@pytest.mark.database
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_start_leaves_the_callers_transaction_alone(tmp_path: Path) -> None:
+    from django.core.cache import caches
+    from django.db import connection, transaction
+    from django.test import override_settings
+
+    from django_warpmesh import node as mesh_node
+    from tests.testapp.models import Category
+
+    # Files that pass the settings' checks but that TLS cannot use: the node fails to start.
+    garbage = "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+    (tmp_path / "cert.pem").write_text(garbage)
+    (tmp_path / "ca.pem").write_text(garbage)
+    (tmp_path / "key.pem").write_text(
+        "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n"
+    )
+    tls = {name.upper(): str(tmp_path / f"{name}.pem") for name in ("cert", "key", "ca")}
+    with override_settings(WARPMESH={"ENABLED": True, "PEERS": [], "TLS": tls}):
+        mesh_node.stop_node()
+        try:
+            with transaction.atomic():
+                Category.objects.create(name="before")
+                caches["default"].set("k", 1)  # the first write starts the node: it fails
+                assert "could not start" in mesh_node.get_node().snapshot()["reason"]
+                Category.objects.create(name="after")
+            assert not connection.needs_rollback
+            assert set(Category.objects.values_list("name", flat=True)) == {"before", "after"}
+        finally:
+            mesh_node.stop_node()
