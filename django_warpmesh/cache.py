@@ -301,10 +301,12 @@ def get_store(name: str) -> LocMemStore:
 def _build_node() -> mesh_node.MeshNode | mesh_node.NullNode:
     from django_warpmesh.mesh import build_node
 
-    node = build_node()
-    for name, store in list(_stores.items()):
-        node.register_store(name, store)
-    return node
+    return build_node()
+
+
+def _existing_stores() -> dict[str, LocMemStore]:
+    with _stores_lock:
+        return dict(_stores)
 
 
 def _reset_after_fork() -> None:
@@ -369,7 +371,7 @@ def invalidate_tags(tags: tuple[str, ...]) -> None:
             node.publish(name, OpCode.TAGS, list(tags))
 
 
-mesh_node.set_node_factory(_build_node)
+mesh_node.set_node_factory(_build_node, _existing_stores)
 mesh_node.on_fork_in_child(_reset_after_fork)
 
 

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import pynng
@@ -33,6 +33,7 @@ import pynng
 from django_warpmesh import protocol
 from django_warpmesh.conf import MeshSettings, format_address, parse_address
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
+from django_warpmesh.relay import RelayedNode, RelayHub, wire_op
 from django_warpmesh.tls import TLSTransport
 
 logger = logging.getLogger("django_warpmesh")
@@ -64,6 +65,8 @@ LOG_EVERY = 60.0
 # Failed discovery syncs in a row after which the node counts as degraded (entries capped): a
 # peer that joined meanwhile cannot be found, and one failure may be a blip.
 DISCOVERY_FAILURES_DEGRADED = 2
+# How much longer than its linger stop() waits for the sender to finish before closing the socket.
+SENDER_GRACE = 1.0
 # Longest wait between two discovery attempts while they fail (they back off from the interval).
 DISCOVERY_MAX_BACKOFF = 60.0
 
@@ -226,6 +229,7 @@ class NullNode:
             "discovery_error": None,
             "discovery_failures": 0,
             "listen_error": None,
+            "relayed_pids": [],
             "peers": [],
             **dict.fromkeys(_COUNTER_NAMES, 0),
             "rejected_by_reason": {},
@@ -310,6 +314,7 @@ class MeshNode:
         self._recent_tags: OrderedDict[bytes, bytes] = OrderedDict()
         self._log_limits: dict[str, _Limited] = {}
         self._socket: Any = None
+        self._hub: RelayHub | None = None  # children forked after the socket opened
         self._tls: TLSTransport | None = None  # WARPMESH['TLS']: tls+tcp:// endpoints
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -403,7 +408,9 @@ class MeshNode:
         linger = max(2.0, 2 * self.config.heartbeat) if timeout is None else timeout
         deadline = time.monotonic() + linger
         if self._started and not self.observer:
-            self._leave_by = self._clock() + linger
+            # Held invalidations go out at half the linger at the latest (peers that have not
+            # answered by then will flush when they do): the rest is for the acknowledgements.
+            self._leave_by = self._clock() + linger / 2
             with self._lock:
                 self._outbox.append((Kind.BYE, None))
             self._wake.set()
@@ -416,14 +423,49 @@ class MeshNode:
         sender, receiver, maintenance = self._threads or (None, None, None)
         # The maintenance thread deletes our row on its way out, on its own connection: never
         # on the caller's, which may be a request's, inside its transaction.
-        for thread in (sender, maintenance):
-            if thread is not None and thread is not current:
-                thread.join(max(0.0, deadline - time.monotonic()))
-        if self._socket is not None:
+        if maintenance is not None and maintenance is not current:
+            maintenance.join(max(0.0, deadline - time.monotonic()))
+        # nng aborts the process if its socket is closed during a send: the sender must be
+        # done first. It never blocks (sends are non-blocking), so this is short.
+        if sender is not None and sender is not current:
+            sender.join(max(0.0, deadline - time.monotonic()) + SENDER_GRACE)
+        if self._socket is not None and not (sender is not None and sender.is_alive()):
             with contextlib.suppress(Exception):
                 self._socket.close()
         if receiver is not None and receiver is not current:
             receiver.join(max(0.0, deadline - time.monotonic()))
+        if self._hub is not None:
+            self._hub.close()
+
+    # -- forked children (see relay.py) -------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._leaving
+
+    def adopt_child(self, sock: socket.socket) -> None:
+        """The parent's end of a pair made at a fork: relay that child's mesh."""
+        if self._hub is None:
+            self._hub = RelayHub(self._relay_publish)
+        self._hub.adopt(sock)
+        self._state_changed()
+
+    def relayed_sockets(self) -> list[socket.socket]:
+        return self._hub.sockets() if self._hub is not None else []
+
+    def _relay_publish(self, alias: str, code: OpCode, arg: Any, source: Any) -> None:
+        # As a peer's invalidation for this process and its other children, then ours to send.
+        op = wire_op(alias, code, arg)
+        store = self._stores.get(alias)
+        if store is not None:
+            store.apply([op])
+        if self._hub is not None:
+            self._hub.forward_ops([op], exclude=source)
+        self.publish(alias, code, arg)
+
+    def _state_changed(self) -> None:
+        if self._hub is not None:
+            self._hub.forward_state(self.ready, self.max_timeout)
 
     # -- the API caches use ---------------------------------------------------------------------
 
@@ -548,6 +590,7 @@ class MeshNode:
     def _become_ready(self, why: str) -> None:
         self.ready = True
         self._wake.set()  # the invalidations held back until now go out
+        self._state_changed()
         if why:
             logger.info("mesh: caching enabled after the start-up wait (%s)", why)
 
@@ -557,13 +600,17 @@ class MeshNode:
         next_heartbeat = 0.0
         while True:
             now = self._clock()
-            timeout = max(0.0, next_heartbeat - now)
+            # A leaving node's held invalidations must go at _leave_by, woken or not.
+            timeout = max(0.0, min(next_heartbeat, self._leave_by) - now)
             self._wake.wait(timeout)
             stopping = self._stop.is_set()
             try:
                 self._send_pending()
                 now = self._clock()
-                if not stopping and (now >= next_heartbeat or self._heartbeat_now.is_set()):
+                # Nothing after the goodbye: a heartbeat would make the peers count us alive
+                # again, then lost, and flush.
+                beat = now >= next_heartbeat or self._heartbeat_now.is_set()
+                if beat and not stopping and not self._bye_sent.is_set():
                     self._heartbeat_now.clear()
                     self._send_heartbeat()
                     next_heartbeat = now + self.config.heartbeat
@@ -766,6 +813,8 @@ class MeshNode:
             store = self._stores.get(alias)
             if store is not None:
                 store.apply(ops)
+        if self._hub is not None and by_alias:
+            self._hub.forward_ops([op for ops in by_alias.values() for op in ops])
         if self._closing:
             self._close_parked_dialers()
 
@@ -976,6 +1025,8 @@ class MeshNode:
         self.counters.flushes += 1
         for store in list(self._stores.values()):
             store.flush()
+        if self._hub is not None:
+            self._hub.forward_flush()
 
     def _on_heartbeat(self, peer: Peer, heartbeat: Heartbeat, was_alive: bool) -> None:
         peer.heard_ns = heartbeat.sent_ns
@@ -1088,6 +1139,7 @@ class MeshNode:
             self.discovery_failures >= DISCOVERY_FAILURES_DEGRADED
         )
         self.max_timeout = self.config.degraded_timeout if self.degraded else None
+        self._state_changed()
 
     # -- maintenance (discovery) ----------------------------------------------------------------
 
@@ -1223,6 +1275,7 @@ class MeshNode:
             "discovery_error": self.discovery_error,
             "discovery_failures": self.discovery_failures,
             "listen_error": self.listen_error,
+            "relayed_pids": self._hub.children() if self._hub is not None else [],
             "peers": rows,
             **{name: getattr(counters, name) for name in _COUNTER_NAMES},
             "rejected_by_reason": dict(counters.rejected_by_reason),
@@ -1350,83 +1403,121 @@ def _default_host(bind: str) -> str:
 
 # -- the process's node ---------------------------------------------------------------------
 
-_current: MeshNode | NullNode | None = None
+AnyNode = MeshNode | NullNode | RelayedNode
+
+_current: AnyNode | None = None
 _current_lock = threading.Lock()
 # The pid of the process that opened an nng socket. nng cannot be used again in a process
 # forked from it (it aborts), so a forked child must not even try.
 _nng_opened_in: int | None = None
 _node_factory: Callable[[], MeshNode | NullNode] | None = None
+_existing_stores: Callable[[], Mapping[str, Store]] = dict
+# Made before a fork of a process whose node runs: the parent's end and the child's end.
+_relay_pair: tuple[socket.socket, socket.socket] | None = None
+# In a child forked after the socket opened: its end of that pair, its parent's pid, and the
+# parent's state at the fork (ready, degraded cap), which the child starts from.
+_relay_channel: tuple[socket.socket, int, bool, float | None] | None = None
 
 
-def set_node_factory(factory: Callable[[], MeshNode | NullNode]) -> None:
-    """Installed by the cache layer, which knows the Django settings the node is built from."""
-    global _node_factory
+def set_node_factory(
+    factory: Callable[[], MeshNode | NullNode], stores: Callable[[], Mapping[str, Store]]
+) -> None:
+    """Installed by the cache layer, which knows the Django settings the node is built from,
+    and the stores that exist already (each node, whatever its kind, is given them)."""
+    global _node_factory, _existing_stores
     _node_factory = factory
+    _existing_stores = stores
 
 
-def current_node() -> MeshNode | NullNode | None:
+def current_node() -> AnyNode | None:
     """This process's node if one was started (or refused), without starting one."""
     return _current
 
 
-def get_node() -> MeshNode | NullNode:
+def get_node() -> AnyNode:
     node = _current
     if node is not None:
         return node
     return _start_node()
 
 
-def _start_node() -> MeshNode | NullNode:
-    global _current, _nng_opened_in
+def _start_node() -> AnyNode:
+    global _current
     with _current_lock:
-        if _current is not None:
-            return _current
-        if _nng_opened_in is not None and _nng_opened_in != os.getpid():
+        if _current is None:
+            if _node_factory is None:
+                # No MeshCache has been imported yet, so there is nothing to keep coherent; do
+                # not remember this answer, or the first real cache use would never start it.
+                return NullNode("no MeshCache configured in this process yet")
+            _current = _make_node(_node_factory)
+        return _current
+
+
+def _make_node(factory: Callable[[], MeshNode | NullNode]) -> AnyNode:
+    """This process's node, given the stores that exist, started (under ``_current_lock``)."""
+    global _nng_opened_in, _relay_channel
+    node: AnyNode
+    if _nng_opened_in is not None and _nng_opened_in != os.getpid():
+        from django_warpmesh.conf import get_settings
+
+        cap = get_settings().degraded_timeout
+        if _relay_channel is not None:
+            sock, parent_pid, ready, max_timeout = _relay_channel
+            _relay_channel = None
+            logger.warning(
+                "mesh: this process was forked from pid %s after that process had opened the "
+                "mesh socket (nng cannot be used after fork): its invalidations are relayed "
+                "through that process's node. Use the cache only after the fork (gunicorn "
+                "without --preload, uWSGI lazy-apps) to give it a node of its own.",
+                parent_pid,
+            )
+            node = RelayedNode(
+                sock, parent_pid, cap or FALLBACK_TIMEOUT, ready=ready, max_timeout=max_timeout
+            )
+        else:
             logger.error(
                 "mesh: this process was forked from one (pid %s) that had already opened the "
                 "mesh socket, and nng cannot be used after fork; caching locally only, with "
-                "entries capped at DEGRADED_TIMEOUT. Do not use the cache before the fork "
-                "(e.g. in gunicorn --preload at import time).",
+                "entries capped at DEGRADED_TIMEOUT, and writes here reach no other instance. "
+                "Do not use the cache before the fork (e.g. in gunicorn --preload at import "
+                "time).",
                 _nng_opened_in,
             )
-            from django_warpmesh.conf import get_settings
-
-            _current = NullNode(
-                "forked after the mesh socket was opened", get_settings().degraded_timeout
-            )
-            return _current
-        if _node_factory is None:
-            # No MeshCache has been imported yet, so there is nothing to keep coherent; do not
-            # remember this answer, or the first real cache use would never start the mesh.
-            return NullNode("no MeshCache configured in this process yet")
-        try:
-            node = _node_factory()
-        except Exception as exc:
-            # Invalid settings (the settings check names the key) must not fail requests; but
-            # without a mesh, peers' writes cannot reach us: cap what we cache.
-            logger.error(
-                "mesh: cannot build the mesh node (%s); caching locally only, entries capped "
-                "at %s s",
-                exc,
-                FALLBACK_TIMEOUT,
-            )
-            node = NullNode(f"cannot build the mesh node: {exc}", FALLBACK_TIMEOUT)
-        if isinstance(node, MeshNode):
-            _nng_opened_in = os.getpid()
-            try:
-                node.start()
-            except Exception as exc:
-                cap = node.config.degraded_timeout
-                logger.error(
-                    "mesh: could not start (%s); caching locally only, entries capped at %s s",
-                    exc,
-                    cap,
-                )
-                with contextlib.suppress(Exception):
-                    node.stop(timeout=0)
-                node = NullNode(f"could not start: {exc}", cap)
-        _current = node
+            node = NullNode("forked after the mesh socket was opened", cap)
+        _register_existing_stores(node)
         return node
+    try:
+        node = factory()
+    except Exception as exc:
+        # Invalid settings (the settings check names the key) must not fail requests; but
+        # without a mesh, peers' writes cannot reach us: cap what we cache.
+        logger.error(
+            "mesh: cannot build the mesh node (%s); caching locally only, entries capped at %s s",
+            exc,
+            FALLBACK_TIMEOUT,
+        )
+        node = NullNode(f"cannot build the mesh node: {exc}", FALLBACK_TIMEOUT)
+    _register_existing_stores(node)
+    if isinstance(node, MeshNode):
+        _nng_opened_in = os.getpid()
+        try:
+            node.start()
+        except Exception as exc:
+            cap = node.config.degraded_timeout
+            logger.error(
+                "mesh: could not start (%s); caching locally only, entries capped at %s s",
+                exc,
+                cap,
+            )
+            with contextlib.suppress(Exception):
+                node.stop(timeout=0)
+            node = NullNode(f"could not start: {exc}", cap)
+    return node
+
+
+def _register_existing_stores(node: AnyNode) -> None:
+    for name, store in _existing_stores().items():
+        node.register_store(name, store)
 
 
 def stop_node() -> None:
@@ -1438,8 +1529,53 @@ def stop_node() -> None:
         node.stop()
 
 
+def _before_fork() -> None:
+    global _relay_pair
+    node = _current
+    if isinstance(node, MeshNode) and node.pid == os.getpid() and node.running:
+        try:
+            _relay_pair = socket.socketpair()
+        except OSError:
+            _relay_pair = None  # out of descriptors: the child caches alone, as it says
+
+
+def _after_fork_in_parent() -> None:
+    global _relay_pair
+    pair, _relay_pair = _relay_pair, None
+    if pair is None:
+        return
+    parent_end, child_end = pair
+    child_end.close()
+    node = _current
+    if isinstance(node, MeshNode):
+        node.adopt_child(parent_end)
+    else:
+        parent_end.close()
+
+
 def _after_fork_in_child() -> None:
-    global _current, _current_lock
+    global _current, _current_lock, _relay_pair, _relay_channel
+    if _nng_opened_in is not None:
+        # pynng's atexit handler shuts nng down; in a child of a process that used nng it
+        # waits forever for threads that were not forked, and the child never exits.
+        with contextlib.suppress(AttributeError):
+            atexit.unregister(pynng.nng._pynng_atexit)
+    # Descriptors of the parent's relays are not ours: a copy held here would keep a sibling
+    # (or our own parent) from seeing the other end close.
+    inherited = _current.relayed_sockets() if isinstance(_current, MeshNode) else []
+    if isinstance(_current, RelayedNode):
+        inherited.append(_current.socket)
+    if _relay_channel is not None:
+        inherited.append(_relay_channel[0])
+    for sock in inherited:
+        with contextlib.suppress(OSError):
+            sock.close()
+    pair, _relay_pair = _relay_pair, None
+    _relay_channel = None
+    if pair is not None and isinstance(_current, MeshNode):
+        parent_end, child_end = pair
+        parent_end.close()
+        _relay_channel = (child_end, _current.pid, _current.ready, _current.max_timeout)
     # The parent's node, threads and lock are not ours: forget them without touching them.
     _current = None
     _current_lock = threading.Lock()
@@ -1454,5 +1590,9 @@ def on_fork_in_child(callback: Callable[[], None]) -> None:
     _fork_callbacks.append(callback)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 atexit.register(stop_node)

@@ -48,6 +48,18 @@ def wait_for(
         time.sleep(interval)
 
 
+def stays(
+    predicate: Callable[[], object], seconds: float, interval: float = 0.05, message: str = ""
+) -> None:
+    """Poll ``predicate`` for ``seconds``; fail as soon as it is falsy (an event that must not
+    happen within a window, such as a peer declared lost after its liveness timeout)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not predicate():
+            raise AssertionError(f"no longer true: {message or predicate}")
+        time.sleep(interval)
+
+
 class MeshProcess:
     def __init__(self, warpmesh: dict[str, Any], env: dict[str, str] | None = None) -> None:
         self.warpmesh = warpmesh

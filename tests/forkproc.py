@@ -23,8 +23,12 @@ def main() -> None:
 
     import django_warpmesh
 
-    if mode == "after-open":
+    if mode in ("after-open", "after-stop"):
         cache.set("parent-key", "parent", None)
+    if mode == "after-stop":
+        from django_warpmesh.node import stop_node
+
+        stop_node()  # the socket was opened, and there is no node left to relay through
     pid = os.fork()
     if pid == 0:
         try:

@@ -145,6 +145,14 @@ def main() -> None:
 
             connections.settings["default"].update(saved)
             return True
+        if call == "fork":
+            # The child answers and goes on serving these requests; the parent (its mesh
+            # threads running) waits for it to exit, then answers with its exit status.
+            pid = os.fork()
+            if pid == 0:
+                return {"child": os.getpid()}
+            _, status = os.waitpid(pid, 0)
+            return {"child_status": status}
         if call == "migrate":
             from django.core.management import call_command
 

@@ -32,13 +32,26 @@ def run_fork(mode: str) -> tuple[dict[str, object], dict[str, object], str]:
     return child, parent, result.stderr
 
 
-def test_child_of_a_process_that_opened_the_socket_caches_locally() -> None:
+def test_child_of_a_process_that_opened_the_socket_is_relayed_by_it() -> None:
     child, parent, stderr = run_fork("after-open")
     assert parent["child_status"] == 0  # not aborted
     assert parent["parent_value"] == "parent"
     assert child["child_value"] == "child"
-    # What the parent cached was not kept coherent for the child: it starts empty.
+    # What the parent cached was kept coherent by the parent's node, not the child's: the
+    # child starts empty.
     assert child["had_parent_value"] is False
+    stats = child["stats"]
+    assert isinstance(stats, dict)
+    assert stats["enabled"] is True
+    assert "relayed through its node" in stats["reason"]
+    assert stats["degraded"] is False
+    assert "its invalidations are relayed through that process's node" in stderr
+
+
+def test_child_of_a_process_whose_node_stopped_caches_locally_capped() -> None:
+    child, parent, stderr = run_fork("after-stop")
+    assert parent["child_status"] == 0  # not aborted
+    assert child["child_value"] == "child"
     stats = child["stats"]
     assert isinstance(stats, dict)
     assert stats["enabled"] is False

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import MeshProcess, cluster, free_ports, manage, run_sql, wait_for
+from tests.cluster import MeshProcess, cluster, free_ports, manage, run_sql, stays, wait_for
 
 pytestmark = pytest.mark.mesh
 
@@ -49,6 +49,19 @@ def evicted_without_a_flush(proc: MeshProcess, key: str, kept: str) -> None:
     assert proc.stats()["flushes"] == 0
 
 
+# Long enough for a peer to be declared lost (3 heartbeats), and the tick that notices.
+LIVENESS_WINDOW = 3 * TIMING["HEARTBEAT"] + 0.25 + 0.3
+
+
+def never_flushes(*procs: MeshProcess) -> None:
+    """Nothing the writer did, nor its leaving, makes these flush, even once it is gone."""
+    stays(
+        lambda: all(p.stats()["flushes"] == 0 == p.stats()["peers_lost"] for p in procs),
+        LIVENESS_WINDOW,
+        message="no flush and no peer lost",
+    )
+
+
 def test_a_short_lived_writer_delivers_its_delete_static_peers() -> None:
     with cluster(1, **TIMING) as mesh:
         (peer,) = mesh.procs
@@ -58,6 +71,7 @@ def test_a_short_lived_writer_delivers_its_delete_static_peers() -> None:
             static_writer_env(peer.address or ""),
         )
         evicted_without_a_flush(peer, "k", "other")
+        never_flushes(peer)
 
 
 @pytest.mark.database
@@ -70,6 +84,7 @@ def test_a_short_lived_writer_delivers_its_delete_discovery(shared_db: dict[str,
         env = {**shared_db, "WARPMESH_BIND": "127.0.0.1", "WARPMESH_PORT": "0"}
         shell("from django.core.cache import cache; cache.delete('k')", env)
         evicted_without_a_flush(peer, "k", "other")
+        never_flushes(peer)
         # It deleted its row on the way out.
         wait_for(
             lambda: {row["address"] for row in peer.request("peer_rows")} == {peer.address},
@@ -96,6 +111,7 @@ def test_a_management_command_saving_a_model_evicts_the_peers_copies(
             env,
         )
         evicted_without_a_flush(peer, "row", "other")
+        never_flushes(peer)
 
 
 def test_a_joining_worker_that_writes_at_once_flushes_nobody() -> None:
@@ -110,8 +126,19 @@ def test_a_joining_worker_that_writes_at_once_flushes_nobody() -> None:
         for proc in mesh.procs[:2]:
             evicted_without_a_flush(proc, "k", "other")
         mesh.wait_connected()
-        for proc in mesh.procs[:2]:
-            assert proc.stats()["flushes"] == 0
+        joining.close()  # and it leaves again, as a worker replaced at once
+        never_flushes(*mesh.procs[:2])
+
+
+def test_a_short_lived_writer_whose_listed_peer_is_down_still_delivers() -> None:
+    with cluster(1, **TIMING) as mesh:
+        (peer,) = mesh.procs
+        holds(peer, "k", "other")
+        (closed,) = free_ports(1)
+        env = static_writer_env(f"{peer.address},127.0.0.1:{closed}")
+        shell("from django.core.cache import cache; cache.delete('k')", env)
+        evicted_without_a_flush(peer, "k", "other")
+        never_flushes(peer)
 
 
 def test_a_node_that_cannot_listen_still_delivers_and_receives() -> None:
@@ -167,3 +194,30 @@ def test_a_failed_start_leaves_the_callers_transaction_alone(tmp_path: Path) -> 
             assert set(Category.objects.values_list("name", flat=True)) == {"before", "after"}
         finally:
             mesh_node.stop_node()
+
+
+def test_a_child_forked_after_the_socket_opened_is_relayed_by_its_parent() -> None:
+    with cluster(2, **TIMING) as mesh:
+        mesh.wait_connected()
+        parent, peer = mesh.procs
+        holds(parent, "in-the-parent")
+        child_pid = parent.request("fork")["child"]
+        child = parent  # from now on, the child answers on the same pipes
+        holds(child, "in-the-child")  # its first write starts its node
+        stats = child.stats()
+        assert (stats["relayed_by"], stats["enabled"], stats["ready"]) == (parent.pid, True, True)
+        assert not child.stored("in-the-parent")  # kept coherent for the parent, not for it
+        # Its writes reach the peers (through the parent), without a flush.
+        holds(peer, "from-child", "other")
+        child.cache("delete", "from-child")
+        evicted_without_a_flush(peer, "from-child", "other")
+        # The peers' writes reach it.
+        holds(child, "to-child")
+        peer.cache("delete", "to-child")
+        wait_for(lambda: not child.stored("to-child"), 5, message="a peer's delete")
+        # mesh_status names the processes a node relays for.
+        status = manage("mesh_status", env={"WARPMESH_PEERS": ",".join(mesh.addresses)})
+        assert f"relays for forked process(es) {child_pid}" in status.stdout, status.stdout
+        child.request("exit")
+        assert child._read() == {"ok": {"child_status": 0}}  # the parent answers again
+        wait_for(lambda: not parent.stats()["relayed_pids"], 5, message="the child forgotten")

@@ -59,6 +59,7 @@ PEER_KEYS = {
     "ready",
     "degraded",
     "discovery_error",
+    "relayed_pids",
     "connected",
     "expected",
     "cannot_reach",

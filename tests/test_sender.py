@@ -82,6 +82,7 @@ def link() -> Link:
     sender = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]))
     socket = FakeSocket()
     sender._socket = socket
+    sender.ready = True  # connected to its peers: it sends at once instead of holding
     clock = Clock()
     peer = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]), clock=clock)
     peer.ready = True  # it holds values: a gap must flush them

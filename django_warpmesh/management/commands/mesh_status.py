@@ -539,6 +539,7 @@ def _peer_entry(
         "ready": None,
         "degraded": None,
         "discovery_error": None,
+        "relayed_pids": None,
         "connected": None,
         "expected": len(others),
         "cannot_reach": None,
@@ -562,6 +563,7 @@ def _peer_entry(
         ready=stats.get("ready"),
         degraded=stats.get("degraded"),
         discovery_error=stats.get("discovery_error"),
+        relayed_pids=stats.get("relayed_pids") or [],
         connected=len(reached),
         cannot_reach=[address for address in others if address not in reached],
         latency_ms=round(reply.rtt / 2 * 1000, 3),
@@ -641,6 +643,15 @@ def render_table(report: dict[str, Any]) -> list[str]:
         ]
         lines.append("  ".join(cells).rstrip())
     lines.append("")
+    for peer in peers:
+        if peer["relayed_pids"]:
+            lines.append(
+                f"{_label(peer['address'], peer['id'])} relays for forked process(es) "
+                f"{', '.join(map(str, peer['relayed_pids']))}: forked after it had used the "
+                "cache (see docs/deployment.md)"
+            )
+    if any(peer["relayed_pids"] for peer in peers):
+        lines.append("")
     return lines
 
 
