@@ -2,12 +2,15 @@
 
 Two hooks, each doing what it knows best:
 
-- **Signals** (``post_save``, ``post_delete``, ``m2m_changed``), connected per model with
-  ``sender=`` so models left out keep Django's fast-delete path. They know the row, so they
-  invalidate row tags (which also evict entries tagged with the row's table).
+- **Signals** (``post_save``, ``post_delete``), connected per model with ``sender=`` so models
+  left out keep Django's fast-delete path. They know the row, so they invalidate row tags (which
+  also evict entries tagged with the row's table).
 - **An execute wrapper** on every database connection (Django's ``execute_wrappers``): it sees
   the writes that send no signal (``QuerySet.update()``, ``bulk_create``, ``bulk_update``, fast
-  deletes, raw SQL through Django's connections) and invalidates the tables they name. Statements
+  deletes, raw SQL through Django's connections) and invalidates the tables they name. It also
+  reads the many-to-many writes: which rows an INSERT into or a DELETE from an auto-created
+  through table names (Django skips its fast ``add()`` while anyone listens to ``m2m_changed``,
+  so only through models of your own still get that signal). Statements
   issued by a ``save()``/``delete()`` whose signal will follow are *claimed* by that signal's
   ``pre_`` twin and skipped here, so a single-row save does not evict every row of its table.
   A claim covers one statement per table and lives only while the ``save_base()`` or
@@ -33,10 +36,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.apps import apps
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.signals import request_finished, setting_changed
 from django.db import connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -79,6 +82,14 @@ class _ThreadState(threading.local):
 _state = _ThreadState()
 
 
+class _Side(NamedTuple):
+    """One foreign key of an auto-created through table: the model it points to."""
+
+    column: str
+    model: type[models.Model]
+    field: models.Field[Any, Any]
+
+
 class _Registry:
     """Which models are watched, and the tables they live in."""
 
@@ -89,7 +100,10 @@ class _Registry:
         self.lineage: dict[type[models.Model], tuple[str, ...]] = {}
         # For a DELETE on a table: tables whose rows a database-level cascade may remove.
         self.referencing: dict[str, frozenset[str]] = {}
+        # Through models of your own: m2m_changed (Django never bulk-adds to them quietly).
         self.through: list[type[models.Model]] = []
+        # Auto-created through tables: the execute wrapper reads their rows, both sides.
+        self.auto_through: dict[str, tuple[_Side, ...]] = {}
 
 
 _registry = _Registry()
@@ -146,13 +160,13 @@ def install() -> None:
         tables.update(lineage)
         for m2m in model._meta.local_many_to_many:
             through: Any = m2m.remote_field.through
-            if (
-                isinstance(through, type)
-                and issubclass(through, models.Model)
-                and (through not in registry.through)
-            ):
+            if not (isinstance(through, type) and issubclass(through, models.Model)):
+                continue
+            tables.add(through._meta.db_table)
+            if through._meta.auto_created:
+                registry.auto_through[through._meta.db_table] = _sides(through)
+            elif through not in registry.through:
                 registry.through.append(through)
-                tables.add(through._meta.db_table)
     referencing: dict[str, set[str]] = {}
     for model in apps.get_models(include_auto_created=True):
         for field in model._meta.concrete_fields:
@@ -193,7 +207,17 @@ def uninstall() -> None:
     request_finished.disconnect(dispatch_uid=_DISPATCH)
     _registry.models = []
     _registry.through = []
+    _registry.auto_through = {}
     _registry.tables = frozenset()
+
+
+def _sides(through: type[models.Model]) -> tuple[_Side, ...]:
+    sides = []
+    for field in through._meta.concrete_fields:
+        target: Any = getattr(field.remote_field, "model", None) if field.is_relation else None
+        if isinstance(target, type) and issubclass(target, models.Model) and field.column:
+            sides.append(_Side(field.column, target, field))
+    return tuple(sides)
 
 
 def _reinstall(**kwargs: Any) -> None:
@@ -355,22 +379,73 @@ def _execute_wrapper(
     if not tables:
         return execute(sql, params, many, context)
     claimed = _take_claims(tables) if _state.claims else set()
-    alias = context["connection"].alias
+    connection = context["connection"]
     try:
         result = execute(sql, params, many, context)
     except Exception:
         if claimed:
             # The save fails, so its post_ signal never comes; assume the statement did
             # something rather than leave anything stale.
-            invalidate_for_write(tuple(table_tag(t) for t in sorted(claimed)), alias)
+            invalidate_for_write(tuple(table_tag(t) for t in sorted(claimed)), connection.alias)
         raise
-    unclaimed = tables - claimed
-    if unclaimed:
-        if text.lstrip()[:8].upper().startswith(("DELETE", "TRUNCATE")):
-            for table in list(unclaimed):
-                unclaimed |= _registry.referencing.get(table, frozenset())
-        invalidate_for_write(tuple(table_tag(t) for t in sorted(unclaimed)), alias)
+    tags = _write_tags(text, params, many, tables - claimed, connection.vendor)
+    invalidate_for_write(tags, connection.alias)
     return result
+
+
+def _write_tags(
+    text: str, params: Any, many: bool, tables: set[str], vendor: str
+) -> tuple[str, ...]:
+    """What a write naming ``tables`` (none of them claimed by a save or delete) invalidates."""
+    if not tables:
+        return ()
+    cascaded: set[str] = set()
+    if text.lstrip()[:8].upper().startswith(("DELETE", "TRUNCATE")):
+        for table in tables:
+            cascaded |= _registry.referencing.get(table, frozenset())
+        cascaded -= tables
+    through = _registry.auto_through.keys()
+    tags = [table_tag(table) for table in sorted((tables | cascaded) - through)]
+    named = sorted(tables & through)
+    if named:
+        tokens = _tokens(text)
+        statement = None if tokens is None else _Statement(tokens)
+        for table in named:
+            tags.extend(_m2m_tags(statement, table, params, many, vendor))
+    for table in sorted(cascaded & through):
+        tags.extend(_m2m_tags(None, table, params, many, vendor))
+    return tuple(dict.fromkeys(tags))
+
+
+def _m2m_tags(
+    statement: _Statement | None, table: str, params: Any, many: bool, vendor: str
+) -> list[str]:
+    """Tags for a statement naming an auto-created through table: the rows of both sides it
+    writes where the statement says which, else (never less than that) their whole tables."""
+    sides = _registry.auto_through[table]
+    tags = [table_tag(table)]
+    target = None if statement is None else statement.target
+    if target is not None and not _names(target, table, vendor):
+        return tags  # Another table is written; this one is only read.
+    allowed: dict[str, set[Any]] = {}
+    named: dict[str, set[Any]] = {}
+    # IndexError: a statement cut short where the reader looks ahead.
+    with contextlib.suppress(_NotUnderstood, IndexError):
+        if statement is None or statement.target is None:
+            raise _NotUnderstood
+        if statement.verb == "INSERT":
+            allowed = named = _inserted(statement, sides, params, many, vendor)
+        elif statement.verb == "DELETE" and not many:
+            allowed, named = _deleted(statement, table, sides, params, vendor)
+    for side in sides:
+        rows = allowed.get(side.column)
+        if rows is None:
+            tags.append(table_tag(side.model._meta.db_table))
+            # The table covers its own rows, not a child model's parent rows: those named (the
+            # instance a clear() starts from) still get their row tags, as m2m_changed gave them.
+            rows = named.get(side.column, set())
+        tags.extend(tag for pk in rows for tag in _row_tags(side.model, pk))
+    return tags
 
 
 def _take_claims(tables: Iterable[str]) -> set[str]:
@@ -396,3 +471,395 @@ def _live_frames() -> set[int]:
         frames.add(id(frame))
         frame = frame.f_back
     return frames
+
+
+# -- reading statements -------------------------------------------------------------------------
+#
+# Just enough of SQL to read the statements Django writes for many-to-many changes and the rows
+# they touch. Anything in another shape raises _NotUnderstood, and the caller assumes the worst.
+
+_Token = tuple[str, str]  # (kind, text)
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+    |(?P<comment>--[^\n]*|/\*.*?\*/)
+    |(?P<marks>\(\s*%s(?:\s*,\s*%s)*\s*\))
+    |(?P<mark>%s)
+    |(?P<string>'[^']*(?:''[^']*)*')
+    |(?P<quoted>"[^"]*(?:""[^"]*)*"|`[^`]*(?:``[^`]*)*`)
+    |(?P<word>[^\W\d][\w$]*)
+    |(?P<number>\d[\w.]*)
+    |(?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_END: _Token = ("end", "")
+_OPEN: _Token = ("other", "(")
+_CLOSE: _Token = ("other", ")")
+_COMMA: _Token = ("other", ",")
+_DOT: _Token = ("other", ".")
+_COLON: _Token = ("other", ":")
+_SEMICOLON: _Token = ("other", ";")
+_WHERE_ENDS = frozenset({"RETURNING", "ORDER", "LIMIT"})
+_IGNORING = ((), ("OR", "IGNORE"), ("IGNORE",))  # INSERT modifiers that change no other row
+
+
+class _NotUnderstood(Exception):
+    """The statement is not in a shape read here."""
+
+
+def _tokens(text: str) -> list[_Token] | None:
+    """The statement's tokens without comments and spaces, ending in ``_END``; None if unsure."""
+    tokens = []
+    for match in _TOKEN.finditer(text):
+        kind, value = match.lastgroup or "other", match.group()
+        if kind == "space":
+            continue
+        if kind == "comment":
+            if "/*" in value[2:]:
+                return None  # PostgreSQL nests block comments, this lexer does not.
+            continue
+        if (kind == "string" and "\\" in value) or (kind == "other" and value in "'\"`$"):
+            return None  # Backslash escapes, dollar quoting, an unclosed quote: not this lexer's.
+        tokens.append((kind, value))
+    tokens.append(_END)
+    return tokens
+
+
+def _word(token: _Token, keyword: str) -> bool:
+    return token[0] == "word" and token[1].upper() == keyword
+
+
+def _identifier(token: _Token) -> tuple[str, bool] | None:
+    """An identifier token's name, and whether it was quoted."""
+    kind, value = token
+    if kind == "word":
+        return value, False
+    if kind == "quoted":
+        quote = value[0]
+        return value[1:-1].replace(quote * 2, quote), True
+    return None
+
+
+def _names(name: tuple[str, bool], actual: str, vendor: str) -> bool:
+    """Whether an identifier, as written, designates the table or column ``actual``."""
+    written, quoted = name
+    if vendor == "postgresql":
+        # Unquoted names are folded to lower case; quoted ones are taken as they are.
+        return written == actual if quoted else written.lower() == actual
+    # SQLite ignores case; MySQL mostly does (for tables, per lower_case_table_names). Where a
+    # database tells cases apart, matching more names only invalidates more.
+    return written.lower() == actual.lower()
+
+
+class _Statement:
+    """A statement's head: its verb, the table it writes and where what follows that starts."""
+
+    __slots__ = ("body", "marks", "modifiers", "target", "tokens", "verb")
+
+    def __init__(self, tokens: list[_Token]) -> None:
+        self.tokens = tokens
+        self.verb = tokens[0][1].upper() if tokens[0][0] == "word" else ""
+        self.marks = sum(1 if k == "mark" else v.count("%s") for k, v in tokens if "mark" in k)
+        self.modifiers: tuple[str, ...] = ()
+        self.target: tuple[str, bool] | None = None
+        self.body = 0
+        at = 1
+        if self.verb == "INSERT":
+            modifiers = []
+            while tokens[at][0] == "word" and not _word(tokens[at], "INTO"):
+                modifiers.append(tokens[at][1].upper())
+                at += 1
+            if not _word(tokens[at], "INTO"):
+                return
+            self.modifiers = tuple(modifiers)
+            at += 1
+        elif self.verb == "DELETE":
+            if not _word(tokens[at], "FROM"):
+                return  # MySQL's multi-table DELETE, among others.
+            at += 1
+        elif self.verb != "UPDATE":
+            return
+        name = _identifier(tokens[at])
+        if name is None:
+            return
+        at += 1
+        while tokens[at] == _DOT and (part := _identifier(tokens[at + 1])) is not None:
+            name = part  # schema.table: the table is the last part
+            at += 2
+        follows = tokens[at]
+        if self.verb == "UPDATE" and not _word(follows, "SET"):
+            return  # An alias or MySQL's multi-table UPDATE.
+        if self.verb == "DELETE" and not (
+            follows in (_END, _SEMICOLON) or _word(follows, "WHERE") or _word(follows, "RETURNING")
+        ):
+            return  # USING, an alias.
+        self.target = name
+        self.body = at
+
+    def positional(self, params: Any) -> list[Any] | tuple[Any, ...]:
+        """``params`` as one value per ``%s`` of the statement."""
+        if params is None and not self.marks:
+            return ()
+        if not isinstance(params, (list, tuple)) or len(params) != self.marks:
+            raise _NotUnderstood
+        return params
+
+
+def _to_python(field: models.Field[Any, Any], value: Any) -> Any:
+    """A parameter as the model holds it (a row tag's pk), e.g. a UUID SQLite was given as hex."""
+    try:
+        value = field.to_python(value)
+        hash(value)
+    except (ValidationError, TypeError, ValueError):
+        raise _NotUnderstood from None
+    return value
+
+
+class _Where:
+    """Which values a WHERE clause allows in the columns ``column`` knows.
+
+    Read: ``AND``, ``OR``, parentheses, ``column = %s``, ``column IN (%s, ...)`` and
+    ``column IN (subquery)``; a column missing from the answer may hold anything in the rows the
+    clause selects. Anything else raises _NotUnderstood.
+    """
+
+    def __init__(
+        self,
+        tokens: list[_Token],
+        at: int,
+        params: list[Any] | tuple[Any, ...],
+        mark: int,
+        column: Callable[[list[tuple[str, bool]]], _Side | None],
+    ) -> None:
+        self.tokens = tokens
+        self.at = at
+        self.params = params
+        self.mark = mark  # the parameter of the next %s
+        self.column = column
+        # Every value compared with a known column, wherever in the clause.
+        self.named: dict[str, set[Any]] = {}
+
+    def read(self) -> dict[str, set[Any]]:
+        values = self._any()
+        follows = self.tokens[self.at]
+        if follows in (_END, _SEMICOLON) or (
+            follows[0] == "word" and follows[1].upper() in _WHERE_ENDS
+        ):
+            return values
+        raise _NotUnderstood
+
+    def _any(self) -> dict[str, set[Any]]:
+        values = self._all()
+        while _word(self.tokens[self.at], "OR"):
+            self.at += 1
+            other = self._all()
+            # A row of either branch: a column is known only where both branches know it.
+            values = {c: values[c] | other[c] for c in values.keys() & other.keys()}
+        return values
+
+    def _all(self) -> dict[str, set[Any]]:
+        values = self._one()
+        while _word(self.tokens[self.at], "AND"):
+            self.at += 1
+            for column, allowed in self._one().items():
+                values[column] = values[column] & allowed if column in values else allowed
+        return values
+
+    def _one(self) -> dict[str, set[Any]]:
+        tokens = self.tokens
+        if tokens[self.at] == _OPEN:
+            self.at += 1
+            values = self._any()
+            self._expect(_CLOSE)
+            return values
+        path = []
+        while (name := _identifier(tokens[self.at])) is not None:
+            path.append(name)
+            self.at += 1
+            if tokens[self.at] != _DOT:
+                break
+            self.at += 1
+        if not path:
+            raise _NotUnderstood
+        kind, value = tokens[self.at]
+        self.at += 1
+        if (kind, value) == ("other", "="):
+            kind, value = tokens[self.at]
+            self.at += 1
+            if kind not in ("mark", "marks") or value.count("%s") != 1:
+                raise _NotUnderstood
+            count = 1
+        elif kind == "word" and value.upper() == "IN":
+            kind, value = tokens[self.at]
+            self.at += 1
+            if kind == "marks":
+                count = value.count("%s")
+            elif (kind, value) == _OPEN:
+                self._skip_group()
+                return {}  # A subquery: the column is not known.
+            else:
+                raise _NotUnderstood
+        else:
+            raise _NotUnderstood
+        first, self.mark = self.mark, self.mark + count
+        side = self.column(path)
+        if side is None:
+            return {}
+        allowed = {_to_python(side.field, value) for value in self.params[first : self.mark]}
+        self.named.setdefault(side.column, set()).update(allowed)
+        return {side.column: allowed}
+
+    def _skip_group(self) -> None:
+        depth = 1
+        while depth:
+            kind, value = self.tokens[self.at]
+            self.at += 1
+            if kind == "end":
+                raise _NotUnderstood
+            if kind == "other":
+                depth += (value == "(") - (value == ")")
+            elif kind == "mark":
+                self.mark += 1
+            elif kind == "marks":
+                self.mark += value.count("%s")
+
+    def _expect(self, token: _Token) -> None:
+        if self.tokens[self.at] != token:
+            raise _NotUnderstood
+        self.at += 1
+
+
+def _side_of(
+    path: list[tuple[str, bool]], table: str, sides: tuple[_Side, ...], vendor: str
+) -> _Side | None:
+    """The through table's foreign key a column reference (``col``, ``table.col``) names."""
+    if len(path) > 1 and not _names(path[-2], table, vendor):
+        return None
+    return next((side for side in sides if _names(path[-1], side.column, vendor)), None)
+
+
+def _deleted(
+    statement: _Statement, table: str, sides: tuple[_Side, ...], params: Any, vendor: str
+) -> tuple[dict[str, set[Any]], dict[str, set[Any]]]:
+    """Per foreign key of a through table: the values the rows a DELETE removes may hold (a key
+    missing: any), and every value its WHERE clause names."""
+    tokens, at = statement.tokens, statement.body
+    if not _word(tokens[at], "WHERE"):
+        return {}, {}  # Every row.
+    where = _Where(
+        tokens,
+        at + 1,
+        statement.positional(params),
+        0,
+        lambda path: _side_of(path, table, sides, vendor),
+    )
+    return where.read(), where.named
+
+
+def _inserted(
+    statement: _Statement, sides: tuple[_Side, ...], params: Any, many: bool, vendor: str
+) -> dict[str, set[Any]]:
+    """Per foreign key of a through table, the values an INSERT writes.
+
+    Django's bulk insert: ``INSERT [OR IGNORE | IGNORE] INTO t (a, b) VALUES (%s, %s), ...``
+    (parameters row after row, or one row per parameter list with ``many``), or on PostgreSQL
+    ``... SELECT * FROM UNNEST((%s)::bigint[], (%s)::bigint[])`` (one array per column).
+    """
+    if statement.modifiers not in _IGNORING:
+        raise _NotUnderstood  # OR REPLACE may delete other rows.
+    tokens, at = statement.tokens, statement.body
+    if tokens[at] != _OPEN:
+        raise _NotUnderstood
+    columns: list[_Side | None] = []
+    while tokens[at] in (_OPEN, _COMMA):
+        name = _identifier(tokens[at + 1])
+        if name is None:
+            raise _NotUnderstood
+        columns.append(next((s for s in sides if _names(name, s.column, vendor)), None))
+        at += 2
+    if tokens[at] != _CLOSE:
+        raise _NotUnderstood
+    at += 1
+    width = len(columns)
+    per_column: list[list[Any]]
+    if _word(tokens[at], "VALUES"):
+        at += 1
+        rows = 0
+        while tokens[at][0] == "marks" and tokens[at][1].count("%s") == width:
+            rows += 1
+            at += 1
+            if tokens[at] != _COMMA:
+                break
+            at += 1
+        if not rows or tokens[at - 1] == _COMMA:
+            raise _NotUnderstood
+        if many:
+            if rows != 1 or not isinstance(params, (list, tuple)):
+                raise _NotUnderstood  # An iterator: reading it here would use it up.
+            matrix = [statement.positional(row) for row in params]
+        else:
+            flat = statement.positional(params)
+            matrix = [flat[i : i + width] for i in range(0, len(flat), width)]
+        per_column = [[row[i] for row in matrix] for i in range(width)]
+    elif _unnest(tokens, at):
+        at = _after_unnest(tokens, at + 5, width)
+        arrays = statement.positional(params)
+        if many or not all(isinstance(array, (list, tuple)) for array in arrays):
+            raise _NotUnderstood
+        per_column = [list(array) for array in arrays]
+    else:
+        raise _NotUnderstood
+    if _word(tokens[at], "ON"):
+        if not _words(tokens, at + 1, "CONFLICT", "DO", "NOTHING"):
+            raise _NotUnderstood  # DO UPDATE rewrites rows already there.
+        at += 4
+    if not (tokens[at] in (_END, _SEMICOLON) or _word(tokens[at], "RETURNING")):
+        raise _NotUnderstood
+    return {
+        side.column: {_to_python(side.field, value) for value in values}
+        for side, values in zip(columns, per_column, strict=True)
+        if side is not None
+    }
+
+
+def _words(tokens: list[_Token], at: int, *keywords: str) -> bool:
+    """Whether ``keywords`` follow one another from ``at``."""
+    following = tokens[at : at + len(keywords)]
+    return len(following) == len(keywords) and all(
+        _word(token, keyword) for token, keyword in zip(following, keywords, strict=True)
+    )
+
+
+def _unnest(tokens: list[_Token], at: int) -> bool:
+    """Whether ``SELECT * FROM UNNEST(`` starts at ``at``."""
+    return (
+        _word(tokens[at], "SELECT")
+        and tokens[at + 1] == ("other", "*")
+        and _words(tokens, at + 2, "FROM", "UNNEST")
+        and tokens[at + 4] == _OPEN
+    )
+
+
+def _after_unnest(tokens: list[_Token], at: int, width: int) -> int:
+    """Past ``(%s)::type[], ...)``: one array per column."""
+    for column in range(width):
+        if column and tokens[at] != _COMMA:
+            raise _NotUnderstood
+        at += bool(column)
+        if tokens[at][0] != "marks" or tokens[at][1].count("%s") != 1:
+            raise _NotUnderstood
+        if tokens[at + 1] != _COLON or tokens[at + 2] != _COLON:
+            raise _NotUnderstood
+        at += 3
+        depth = 0
+        while depth or tokens[at] not in (_COMMA, _CLOSE):
+            kind, value = tokens[at]
+            if kind == "end" or "mark" in kind:
+                raise _NotUnderstood
+            if kind == "other":
+                depth += (value == "(") - (value == ")")
+            at += 1
+    if tokens[at] != _CLOSE:
+        raise _NotUnderstood
+    return at + 1

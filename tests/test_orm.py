@@ -16,12 +16,13 @@ import pytest
 from django.core.cache import cache, caches
 from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from django_warpmesh import cached_as, cached_queryset, invalidate, no_invalidation
 from django_warpmesh.cache import get_store
 from django_warpmesh.protocol import Op, OpCode
 from django_warpmesh.tags import row_tag, table_tag
-from tests.testapp.models import Category, Product, Tag
+from tests.testapp.models import Category, Place, Product, Restaurant, Tag
 
 pytestmark = [pytest.mark.database, pytest.mark.django_db(transaction=True)]
 
@@ -200,6 +201,139 @@ def test_m2m_changes_evict_both_sides(catalogue: dict[str, Any]) -> None:
         assert not stored("row-first")
         assert not stored("red")
         assert stored("row-second")
+
+
+def queries_run(operation: Callable[[], object]) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        operation()
+    return len(captured.captured_queries)
+
+
+def test_m2m_add_costs_no_query_more_than_without_the_hooks(catalogue: dict[str, Any]) -> None:
+    first, second, red = catalogue["first"], catalogue["second"], catalogue["red"]
+    blue = Tag.objects.create(name="blue")
+    adds: list[Callable[[], object]] = [
+        lambda: first.tags.add(red),
+        lambda: first.tags.add(red, blue),  # several rows: PostgreSQL inserts them through UNNEST
+        lambda: red.product_set.add(second),
+        lambda: blue.product_set.add(first, second),
+    ]
+
+    def counts() -> list[int]:
+        result = []
+        for add in adds:
+            result.append(queries_run(add))
+            first.tags.clear()
+            second.tags.clear()
+        return result
+
+    with override_settings(WARPMESH={"PEERS": [], "ENABLED": False, "ORM": False}):
+        without_hooks = counts()
+    assert counts() == without_hooks
+
+
+def test_m2m_writes_from_either_side_evict_the_rows_of_both(catalogue: dict[str, Any]) -> None:
+    first, second, red = catalogue["first"], catalogue["second"], catalogue["red"]
+    blue = Tag.objects.create(name="blue")
+    cases: list[tuple[Callable[[], object], Callable[[], object], set[str]]] = [
+        # (set-up, the write, the entries it must evict); the others must stay.
+        (lambda: None, lambda: first.tags.add(red), {"first", "red"}),
+        (lambda: None, lambda: red.product_set.add(first), {"first", "red"}),
+        (lambda: first.tags.add(red), lambda: first.tags.remove(red), {"first", "red"}),
+        (lambda: first.tags.add(red), lambda: red.product_set.remove(first), {"first", "red"}),
+        (lambda: first.tags.add(red), lambda: first.tags.set([blue]), {"first", "red", "blue"}),
+        (
+            lambda: first.tags.add(red),
+            lambda: red.product_set.set([second]),
+            {"first", "second", "red"},
+        ),
+        # clear(): which rows of the other side lose the relation is not in the statement.
+        (lambda: first.tags.add(red), first.tags.clear, {"first", "red", "blue"}),
+        (lambda: first.tags.add(red), red.product_set.clear, {"first", "second", "red"}),
+    ]
+    rows = {"first": first, "second": second, "red": red, "blue": blue}
+    for set_up, write, evicted in cases:
+        first.tags.clear()
+        second.tags.clear()
+        set_up()
+        for name, row in rows.items():
+            cache.set(name, 1, tags=[row])
+        write()
+        assert {name for name in rows if not stored(name)} == evicted, write
+
+
+def test_cached_prefetches_are_evicted_by_m2m_writes(catalogue: dict[str, Any]) -> None:
+    first, red = catalogue["first"], catalogue["red"]
+    products = Product.objects.prefetch_related("tags").order_by("pk")
+    tags = Tag.objects.prefetch_related("product_set").order_by("pk")
+
+    def tag_names() -> list[list[str]]:
+        return [[tag.name for tag in p.tags.all()] for p in cached_queryset(products)]
+
+    def product_names() -> list[list[str]]:
+        return [[p.name for p in tag.product_set.all()] for tag in cached_queryset(tags)]
+
+    assert tag_names() == [[], []]
+    assert product_names() == [[]]
+    first.tags.add(red)
+    assert tag_names() == [["red"], []]
+    assert product_names() == [["first"]]
+    red.product_set.remove(first)
+    assert tag_names() == [[], []]
+    assert product_names() == [[]]
+
+
+def test_raw_writes_to_a_through_table(catalogue: dict[str, Any]) -> None:
+    first, second, red = catalogue["first"], catalogue["second"], catalogue["red"]
+    through = Product.tags.through._meta.db_table
+    cursor = connection.cursor()
+    writes: list[tuple[str, list[Any], set[str]]] = [
+        # Understood: the product side is known, the tag side is not (all of it).
+        (f"DELETE FROM {through} WHERE product_id = %s", [first.pk], {"first", "red"}),
+        # Not understood (a subquery): both whole tables.
+        (
+            f"DELETE FROM {through} WHERE tag_id IN (SELECT id FROM testapp_tag WHERE name = %s)",
+            ["red"],
+            {"first", "second", "red"},
+        ),
+        (
+            f"INSERT INTO {through} (product_id, tag_id) SELECT id, %s FROM testapp_product "
+            "WHERE id = %s",
+            [red.pk, second.pk],
+            {"first", "second", "red"},
+        ),
+    ]
+    rows = {"first": first, "second": second, "red": red}
+    for sql, params, evicted in writes:
+        first.tags.set([red])
+        for name, row in rows.items():
+            cache.set(name, 1, tags=[row])
+        cursor.execute(sql, params)
+        assert {name for name in rows if not stored(name)} == evicted, sql
+
+
+def test_symmetrical_m2m_on_a_child_model(db_places: dict[str, Restaurant]) -> None:
+    a, b = db_places["a"], db_places["b"]
+    both = {"a", "b", "a-place", "b-place"}
+    cases: list[tuple[list[Restaurant], Callable[[], object], set[str]]] = [
+        ([], lambda: a.neighbours.add(b), both),
+        ([b], lambda: b.neighbours.remove(a), both),
+        # Either column may hold a, so the other one is unknown: the child's whole table.
+        ([b], a.neighbours.clear, {"a", "b", "c", "a-place"}),
+    ]
+    names = [*db_places, *(f"{name}-place" for name in db_places)]
+    for neighbours, write, evicted in cases:
+        a.neighbours.set(neighbours)
+        for name, row in db_places.items():
+            cache.set(name, 1, tags=[row])
+            cache.set(f"{name}-place", 1, tags=[Place(pk=row.pk)])
+        write()
+        assert {name for name in names if not stored(name)} == evicted, write
+
+
+@pytest.fixture
+def db_places() -> dict[str, Restaurant]:
+    return {name: Restaurant.objects.create(name=name) for name in ("a", "b", "c")}
 
 
 def test_no_invalidation_block_and_orm_setting(catalogue: dict[str, Any]) -> None:

@@ -16,3 +16,14 @@ class Product(models.Model):
 
 class Tag(models.Model):
     name = models.CharField(max_length=50)
+
+
+class Place(models.Model):
+    name = models.CharField(max_length=100)
+
+
+class Restaurant(Place):
+    """Multi-table inheritance, with a symmetrical many-to-many to itself."""
+
+    serves = models.CharField(max_length=100, blank=True)
+    neighbours = models.ManyToManyField("self", blank=True)
