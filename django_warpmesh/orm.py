@@ -13,10 +13,12 @@ Two hooks, each doing what it knows best:
   so only through models of your own still get that signal). Statements
   issued by a ``save()``/``delete()`` whose signal will follow are *claimed* by that signal's
   ``pre_`` twin and skipped here, so a single-row save does not evict every row of its table.
-  A claim covers one statement per table and lives only while the ``save_base()`` or
-  ``Collector.delete()`` call that made it is on the stack: any other write to the table, even
-  one made by a signal receiver during the save, is invalidated table-wide, and a save that fails
-  before reaching the database leaves no claim behind.
+  A claim names the rows (by primary key) a ``save_base()`` will UPDATE or a
+  ``Collector.delete()`` will DELETE, and for a save one INSERT per table; each statement
+  consumes what it covers. It is honoured only for a statement that writes nothing else, issued
+  by that call itself while it runs, not by a receiver of its signals: any other write to the
+  table is invalidated table-wide, and a save that fails before reaching the database leaves
+  nothing claimed behind.
 
 Inside ``atomic()`` a write invalidates at once (so no other process keeps serving the old value
 while the transaction runs) and again when the outermost transaction commits (so nothing read
@@ -34,7 +36,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -46,6 +48,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 from django.db.models.deletion import Collector
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
+from django.dispatch import Signal
 
 from django_warpmesh.cache import add_store_guard, invalidate_tags
 from django_warpmesh.conf import get_settings
@@ -54,7 +57,10 @@ from django_warpmesh.tags import conflicts, row_tag, table_tag
 logger = logging.getLogger("django_warpmesh")
 
 # Where pre_save / pre_delete are sent from: the frames a claim belongs to.
-_CLAIMING_CODE = frozenset({models.Model.save_base.__code__, Collector.delete.__code__})
+_SAVE_BASE = models.Model.save_base.__code__
+_CLAIMING_CODE = frozenset({_SAVE_BASE, Collector.delete.__code__})
+# Between a claiming frame and a statement, one of these means a signal receiver wrote it.
+_SENDING_CODE = frozenset({Signal.send.__code__, Signal.send_robust.__code__})
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "TRUNCATE", "ALTER", "DROP", "MERGE")
 _CTE_WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -62,13 +68,16 @@ _DISPATCH = "django_warpmesh.orm"
 
 
 class _Claim:
-    """Statements a save/delete in progress will issue: per table, how many are still owed."""
+    """What a save or delete in progress will write itself, per table: the rows (primary keys) a
+    save will UPDATE or a delete will DELETE, and the tables a save may INSERT one row into."""
 
-    __slots__ = ("frame", "owed")
+    __slots__ = ("frame", "inserts", "rows", "saving")
 
     def __init__(self, frame: FrameType) -> None:
         self.frame = frame
-        self.owed: dict[str, int] = {}
+        self.saving = frame.f_code is _SAVE_BASE
+        self.rows: dict[str, set[Any]] = {}
+        self.inserts: set[str] = set()
 
 
 class _ThreadState(threading.local):
@@ -83,7 +92,8 @@ _state = _ThreadState()
 
 
 class _Side(NamedTuple):
-    """One foreign key of an auto-created through table: the model it points to."""
+    """A column holding primary keys of ``model``: a foreign key of an auto-created through
+    table, or a table's own primary key."""
 
     column: str
     model: type[models.Model]
@@ -100,6 +110,8 @@ class _Registry:
         self.lineage: dict[type[models.Model], tuple[str, ...]] = {}
         # For a DELETE on a table: tables whose rows a database-level cascade may remove.
         self.referencing: dict[str, frozenset[str]] = {}
+        # For a watched model's table (and its parents'): its primary key, which claims name.
+        self.primary_keys: dict[str, _Side] = {}
         # Through models of your own: m2m_changed (Django never bulk-adds to them quietly).
         self.through: list[type[models.Model]] = []
         # Auto-created through tables: the execute wrapper reads their rows, both sides.
@@ -158,6 +170,10 @@ def install() -> None:
         lineage += [parent._meta.db_table for parent in concrete._meta.get_parent_list()]
         registry.lineage[model] = tuple(dict.fromkeys(lineage))
         tables.update(lineage)
+        for owner in (concrete, *concrete._meta.get_parent_list()):
+            key = owner._meta.pk
+            if key is not None and key.column:
+                registry.primary_keys[owner._meta.db_table] = _Side(key.column, owner, key)
         for m2m in model._meta.local_many_to_many:
             through: Any = m2m.remote_field.through
             if not (isinstance(through, type) and issubclass(through, models.Model)):
@@ -282,24 +298,33 @@ def _row_tags(model: type[models.Model], pk: object) -> tuple[str, ...]:
 # -- signals ----------------------------------------------------------------------------------
 
 
-def _claim(sender: type[models.Model], **kwargs: Any) -> None:
+def _claim(sender: type[models.Model], instance: models.Model | None = None, **kwargs: Any) -> None:
     if _state.disabled:
         return
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and frame.f_code not in _CLAIMING_CODE:
+    frame = sys._getframe(1)
+    if frame.f_code in _SENDING_CODE and frame.f_back is not None:
         frame = frame.f_back
-    if frame is None:
+    if frame.f_code not in _CLAIMING_CODE:
         return  # Sent by someone else: claim nothing, the wrapper invalidates table-wide.
     claims = _state.claims
-    if claims:
-        live = _live_frames()
-        claims[:] = [claim for claim in claims if id(claim.frame) in live]
-    claim = next((c for c in claims if c.frame is frame), None)
+    # A delete sends one pre_delete per row from the same frame: its claim is usually the last.
+    claim = claims[-1] if claims and claims[-1].frame is frame else None
     if claim is None:
+        claim = next((c for c in claims if c.frame is frame), None)
+    if claim is None:
+        live = _stack(frame)
+        claims[:] = [c for c in claims if id(c.frame) in live]
         claim = _Claim(frame)
         claims.append(claim)
+    pk = None if instance is None else instance.pk
     for table in _registry.lineage.get(sender, ()):
-        claim.owed[table] = claim.owed.get(table, 0) + 1
+        if claim.saving:
+            claim.inserts.add(table)
+        key = _registry.primary_keys.get(table)
+        if pk is not None and key is not None:
+            # A pk the field cannot read claims nothing: its statements invalidate table-wide.
+            with contextlib.suppress(_NotUnderstood):
+                claim.rows.setdefault(table, set()).add(_to_python(key.field, pk))
 
 
 def _on_saved(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
@@ -378,18 +403,21 @@ def _execute_wrapper(
     tables = tables_in(text)
     if not tables:
         return execute(sql, params, many, context)
-    claimed = _take_claims(tables) if _state.claims else set()
     connection = context["connection"]
+    claimed = _take_claim(text, params, many, tables, connection.vendor) if _state.claims else None
     try:
         result = execute(sql, params, many, context)
     except Exception:
-        if claimed:
+        if claimed is not None:
             # The save fails, so its post_ signal never comes; assume the statement did
             # something rather than leave anything stale.
-            invalidate_for_write(tuple(table_tag(t) for t in sorted(claimed)), connection.alias)
+            invalidate_for_write((table_tag(claimed),), connection.alias)
         raise
-    tags = _write_tags(text, params, many, tables - claimed, connection.vendor)
-    invalidate_for_write(tags, connection.alias)
+    if claimed is not None:
+        tables.discard(claimed)
+    invalidate_for_write(
+        _write_tags(text, params, many, tables, connection.vendor), connection.alias
+    )
     return result
 
 
@@ -448,25 +476,68 @@ def _m2m_tags(
     return tags
 
 
-def _take_claims(tables: Iterable[str]) -> set[str]:
-    """Tables this statement is owed to a save/delete still running; consume those claims."""
-    live = _live_frames()
-    claims = [claim for claim in _state.claims if id(claim.frame) in live]
-    _state.claims = claims
-    taken = set()
-    for table in tables:
-        for claim in reversed(claims):  # The innermost save first.
-            owed = claim.owed.get(table, 0)
-            if owed:
-                claim.owed[table] = owed - 1
-                taken.add(table)
-                break
-    return taken
+def _take_claim(text: str, params: Any, many: bool, tables: set[str], vendor: str) -> str | None:
+    """The table this statement writes for the save or delete that claimed it (that part of the
+    claim consumed), or None: the statement is then invalidated as any other."""
+    claim = _claim_in_charge()
+    if claim is None or many:
+        return None
+    tokens = _tokens(text)
+    if tokens is None:
+        return None
+    statement = _Statement(tokens)
+    target = statement.target
+    table = None if target is None else next((t for t in tables if _names(target, t, vendor)), None)
+    if table is None:
+        return None
+    if statement.verb == "INSERT":
+        if claim.saving and table in claim.inserts:
+            claim.inserts.discard(table)
+            return table
+        return None
+    rows, key, where = claim.rows.get(table), _registry.primary_keys.get(table), statement.where()
+    if (
+        statement.verb != ("UPDATE" if claim.saving else "DELETE")
+        or not rows
+        or not key
+        or not where
+    ):
+        return None
+    try:
+        allowed = _Where(
+            tokens,
+            where[0],
+            statement.positional(params),
+            where[1],
+            lambda path: _side_of(path, table, (key,), vendor),
+        ).read()
+    except (_NotUnderstood, IndexError):
+        return None
+    pks = allowed.get(key.column)
+    if not pks or not pks <= rows:
+        return None  # Rows the signals will not name.
+    rows -= pks
+    return table
 
 
-def _live_frames() -> set[int]:
+def _claim_in_charge() -> _Claim | None:
+    """The claim of the save or delete issuing the current statement itself, not through a
+    receiver of its signals (whose writes are never the ones a claim expects)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code in _CLAIMING_CODE:
+            return next((c for c in reversed(_state.claims) if c.frame is frame), None)
+        if code in _SENDING_CODE:
+            return None
+        frame = frame.f_back
+    _state.claims.clear()  # No save or delete is running: every claim is over.
+    return None
+
+
+def _stack(frame: FrameType | None) -> set[int]:
+    """``frame`` and its callers."""
     frames = set()
-    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         frames.add(id(frame))
         frame = frame.f_back
@@ -596,6 +667,24 @@ class _Statement:
             return  # USING, an alias.
         self.target = name
         self.body = at
+
+    def where(self) -> tuple[int, int] | None:
+        """Where the condition of an UPDATE's or DELETE's WHERE clause starts, and how many
+        ``%s`` come before it."""
+        if self.target is None or self.verb not in ("UPDATE", "DELETE"):
+            return None
+        depth = marks = 0
+        for at in range(self.body, len(self.tokens)):
+            kind, value = self.tokens[at]
+            if kind == "other":
+                depth += (value == "(") - (value == ")")
+            elif kind == "mark":
+                marks += 1
+            elif kind == "marks":
+                marks += value.count("%s")
+            elif depth == 0 and _word((kind, value), "WHERE"):
+                return at + 1, marks
+        return None
 
     def positional(self, params: Any) -> list[Any] | tuple[Any, ...]:
         """``params`` as one value per ``%s`` of the statement."""

@@ -22,7 +22,7 @@ from django_warpmesh import cached_as, cached_queryset, invalidate, no_invalidat
 from django_warpmesh.cache import get_store
 from django_warpmesh.protocol import Op, OpCode
 from django_warpmesh.tags import row_tag, table_tag
-from tests.testapp.models import Category, Place, Product, Restaurant, Tag
+from tests.testapp.models import Category, Node, Place, Product, Restaurant, Tag
 
 pytestmark = [pytest.mark.database, pytest.mark.django_db(transaction=True)]
 
@@ -385,6 +385,102 @@ def test_receiver_writes_during_a_save_are_not_swallowed(catalogue: dict[str, An
     finally:
         pre_save.disconnect(sender=Product, dispatch_uid="test-bump")
     assert not stored("row-second")
+
+
+@contextlib.contextmanager
+def receiver(signal: Any, sender: type[Any], func: Callable[..., None]) -> Iterator[None]:
+    signal.connect(func, sender=sender, dispatch_uid="test-receiver")
+    try:
+        yield
+    finally:
+        signal.disconnect(sender=sender, dispatch_uid="test-receiver")
+
+
+def test_a_receiver_write_after_a_delete_of_several_rows_is_not_swallowed(
+    catalogue: dict[str, Any],
+) -> None:
+    from django.db.models.signals import post_delete
+
+    third = Product.objects.create(name="third", price=30)
+
+    def touch_third(sender: type[Product], instance: Product, **kwargs: Any) -> None:
+        if instance.name == "first":
+            Product.objects.filter(pk=third.pk).update(price=31)
+
+    cache.set("third", 1, tags=[third])
+    with receiver(post_delete, Product, touch_third):
+        # One pre_delete per row, one DELETE for both.
+        Product.objects.filter(name__in=["first", "second"]).delete()
+    assert not stored("third")
+
+
+def test_deletes_of_several_rows_evict_only_theirs(
+    catalogue: dict[str, Any], db_places: dict[str, Restaurant]
+) -> None:
+    third = Product.objects.create(name="third", price=30)
+    cache.set("third", 1, tags=[third])
+    cache.set("c", 1, tags=[Place(pk=db_places["c"].pk)])
+    Product.objects.filter(name__in=["first", "second"]).delete()
+    Product.objects.bulk_create(Product(name="many") for _ in range(150))
+    cache.set("third", 1, tags=[third])
+    assert Product.objects.filter(name="many").delete()[0] == 150  # two DELETE statements
+    db_places["a"].delete()  # the child's table, then its parent's
+    Restaurant.objects.filter(pk=db_places["b"].pk).delete()
+    assert stored("third")
+    assert stored("c")
+
+
+def test_a_receiver_write_during_a_child_model_delete_is_not_swallowed(
+    db_places: dict[str, Restaurant],
+) -> None:
+    from django.db.models.signals import post_delete
+
+    a, b = db_places["a"], db_places["b"]
+
+    def rename_b(sender: type[Restaurant], instance: Restaurant, **kwargs: Any) -> None:
+        # Sent after the child table's DELETE, before the parent table's.
+        Place.objects.filter(pk=b.pk).update(name="renamed")
+
+    cache.set("b", 1, tags=[Place(pk=b.pk)])
+    with receiver(post_delete, Restaurant, rename_b):
+        a.delete()  # pre_delete for the child and for its parent row: the parent table twice
+    assert not stored("b")
+
+
+def test_a_receiver_write_after_a_save_that_skipped_a_parent_is_not_swallowed(
+    db_places: dict[str, Restaurant],
+) -> None:
+    from django.db.models.signals import post_save
+
+    a, b = db_places["a"], db_places["b"]
+
+    def rename_b(sender: type[Restaurant], instance: Restaurant, **kwargs: Any) -> None:
+        Place.objects.filter(pk=b.pk).update(name="renamed")
+
+    cache.set("b", 1, tags=[Place(pk=b.pk)])
+    with receiver(post_save, Restaurant, rename_b):
+        a.save(update_fields=["serves"])  # no UPDATE of the parent table
+    assert not stored("b")
+
+
+def test_a_delete_nulling_references_in_its_own_table_evicts_them() -> None:
+    root, other = Node.objects.create(name="root"), Node.objects.create(name="other")
+    child = Node.objects.create(name="child", parent=root)
+    cache.set("child", 1, tags=[child])
+    # Both rows claimed, then an UPDATE of that table (parent = NULL) before their DELETE.
+    Node.objects.filter(pk__in=[root.pk, other.pk]).delete()
+    assert Node.objects.get(pk=child.pk).parent is None
+    assert not stored("child")
+
+
+def test_a_save_that_updates_nothing_then_inserts_evicts_only_its_row(
+    catalogue: dict[str, Any],
+) -> None:
+    fill(catalogue)
+    Product(pk=catalogue["second"].pk + 100, name="new").save()  # UPDATE (no row), then INSERT
+    assert not stored("table")
+    assert stored("row-first")
+    assert stored("row-second")
 
 
 # -- transactions -------------------------------------------------------------------------------

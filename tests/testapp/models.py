@@ -27,3 +27,11 @@ class Restaurant(Place):
 
     serves = models.CharField(max_length=100, blank=True)
     neighbours = models.ManyToManyField("self", blank=True)
+
+
+class Node(models.Model):
+    """Deleting a node sets its children's parent to NULL: an UPDATE of the table it is deleted
+    from."""
+
+    name = models.CharField(max_length=100)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL)
