@@ -7,18 +7,18 @@ Two hooks, each doing what it knows best:
   also evict entries tagged with the row's table).
 - **An execute wrapper** on every database connection (Django's ``execute_wrappers``): it sees
   the writes that send no signal (``QuerySet.update()``, ``bulk_create``, ``bulk_update``, fast
-  deletes, raw SQL through Django's connections) and invalidates the tables they name. It also
-  reads the many-to-many writes: which rows an INSERT into or a DELETE from an auto-created
-  through table names (Django skips its fast ``add()`` while anyone listens to ``m2m_changed``,
-  so only through models of your own still get that signal). Statements
-  issued by a ``save()``/``delete()`` whose signal will follow are *claimed* by that signal's
-  ``pre_`` twin and skipped here, so a single-row save does not evict every row of its table.
-  A claim names the rows (by primary key) a ``save_base()`` will UPDATE or a
-  ``Collector.delete()`` will DELETE, and for a save one INSERT per table; each statement
-  consumes what it covers. It is honoured only for a statement that writes nothing else, issued
-  by that call itself while it runs, not by a receiver of its signals: any other write to the
-  table is invalidated table-wide, and a save that fails before reaching the database leaves
-  nothing claimed behind.
+  deletes, raw SQL through Django's connections) and invalidates the tables they name, read as
+  the database reads them (and every name they might hold, when in doubt). It also reads the
+  many-to-many writes: which rows an INSERT into or a DELETE from an auto-created through table
+  names (Django skips its fast ``add()`` while anyone listens to ``m2m_changed``, so only through
+  models of your own still get that signal). Statements issued by a ``save()``/``delete()`` whose
+  signal will follow are *claimed* by that signal's ``pre_`` twin and skipped here, so a
+  single-row save does not evict every row of its table. A claim names the rows (by primary key)
+  a ``save_base()`` will UPDATE or a ``Collector.delete()`` will DELETE, and for a save one
+  INSERT per table; each statement consumes the rows it covers. It serves only statements that
+  call issues itself while it runs, not those of a receiver of its signals, and whose WHERE clause
+  names claimed rows only: any other write to the table is invalidated table-wide, and a save
+  that fails before reaching the database leaves nothing claimed behind.
 
 Inside ``atomic()`` a write invalidates at once (so no other process keeps serving the old value
 while the transaction runs) and again when the outermost transaction commits (so nothing read
@@ -61,9 +61,38 @@ _SAVE_BASE = models.Model.save_base.__code__
 _CLAIMING_CODE = frozenset({_SAVE_BASE, Collector.delete.__code__})
 # Between a claiming frame and a statement, one of these means a signal receiver wrote it.
 _SENDING_CODE = frozenset({Signal.send.__code__, Signal.send_robust.__code__})
-_WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "TRUNCATE", "ALTER", "DROP", "MERGE")
-_CTE_WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+# The statements Django issues most that write nothing: one string check and they are through.
+_READ_PREFIXES = ("SELECT", "SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")
+# First words of statements that change no existing row (WITH and EXPLAIN are looked into).
+# CREATE is one: migrations would otherwise invalidate every table they index.
+_READS = frozenset(
+    {
+        *("SELECT", "VALUES", "TABLE", "SHOW", "DESCRIBE", "DESC", "PRAGMA", "SET", "RESET"),
+        *("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "START", "COMMIT", "END", "LOCK"),
+        *("ANALYZE", "ANALYSE", "VACUUM", "LISTEN", "UNLISTEN", "NOTIFY", "DISCARD"),
+        *("DECLARE", "FETCH", "MOVE", "CLOSE", "DEALLOCATE"),
+        *("CREATE", "COMMENT", "GRANT", "REVOKE"),
+    }
+)
+_DML = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+# Verbs whose tables are read from the statement's identifiers alone. After any other verb, the
+# statement is searched for every name it might hold, strings and comments included.
+_KNOWN_VERBS = frozenset({*_DML, "REPLACE", "TRUNCATE", "ALTER", "DROP"})
+# Verbs that may delete rows, and with them (database-level cascades) rows of other tables;
+# "" is several statements, or one that could not be read.
+_DELETING = frozenset({"DELETE", "TRUNCATE", "REPLACE", "MERGE", ""})
+# Leading spaces, comments and parentheses, then the first word.
+_HEAD = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*([^\W\d]\w*)?", re.DOTALL)
+# The names in a statement: quoted ("", ``) or not (but not the s of a %s); comments and string
+# literals are matched only to be passed over.
+_NAME = re.compile(
+    r"""--[^\n]*|/\*.*?\*/|'[^']*(?:''[^']*)*'|"((?:[^"]|"")*)"|`((?:[^`]|``)*)`"""
+    r"""|(?<![%\w$])([^\W\d][\w$]*)""",
+    re.DOTALL,
+)
+_WORD = re.compile(r"[^\W\d][\w$]*")
+# Faster than _WORD (Python's re), for tables whose names it matches whole.
+_ASCII_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _DISPATCH = "django_warpmesh.orm"
 
 
@@ -224,6 +253,7 @@ def uninstall() -> None:
     _registry.models = []
     _registry.through = []
     _registry.auto_through = {}
+    _registry.primary_keys = {}
     _registry.tables = frozenset()
 
 
@@ -375,10 +405,64 @@ def _wrap(connection: BaseDatabaseWrapper) -> None:
         connection.execute_wrappers.append(_execute_wrapper)
 
 
-def tables_in(sql: str, among: frozenset[str] | None = None) -> set[str]:
-    """The tables a statement names (quoted or not), among the watched ones by default."""
-    known = _registry.tables if among is None else among
-    return {word for word in _IDENTIFIER.findall(sql) if word in known}
+def tables_in(
+    sql: str, among: frozenset[str] | None = None, vendor: str | None = None, *, loose: bool = False
+) -> set[str]:
+    """The tables a statement names, among the watched ones by default.
+
+    Identifiers are matched as ``vendor``'s database reads them: on PostgreSQL, quoted ones
+    exactly and unquoted ones folded to lower case; elsewhere (or with no vendor) in any case.
+    With ``loose``, or where quoting could be read wrongly (backslash escapes, dollar quoting,
+    more than one block comment), every word counts, in strings and comments too: more tables,
+    never fewer.
+    """
+    index = _index(_registry.tables if among is None else among)
+    if loose or "\\" in sql or "$" in sql or sql.count("/*") > 1:
+        names = {word.lower() for word in _WORD.findall(sql)}
+        found = {table for name in names & index.folded.keys() for table in index.folded[name]}
+        if index.odd:
+            lowered = sql.lower()
+            found.update(table for table in index.odd if table.lower() in lowered)
+        return found
+    if not index.odd and "'" not in sql and "--" not in sql and "/*" not in sql:
+        # No literal or comment (Django's own statements): every word is a name, quoted or not.
+        words = set(_ASCII_WORD.findall(sql))
+        if vendor != "postgresql":
+            folded = {word.lower() for word in words} & index.folded.keys()
+            return {table for name in folded for table in index.folded[name]}
+        found = words & index.exact
+        # Only quoting tells whether such a word is a table: "Product" is, Product is product.
+        if not any(word.lower() in index.exact for word in words - found):
+            return found
+    # Comments and string literals come out as empty names; a doubled quote inside a quoted
+    # name stands for one quote.
+    doubled = '""' in sql or "``" in sql
+    matches = _NAME.findall(sql)
+    if vendor == "postgresql":
+        if doubled:
+            matches = [(d.replace('""', '"'), b.replace("``", "`"), w) for d, b, w in matches]
+        return {word.lower() if word else double or back for double, back, word in matches} & (
+            index.exact
+        )
+    names = {(double or back or word).lower() for double, back, word in matches}
+    if doubled:
+        names |= {(d.replace('""', '"') or b.replace("``", "`")).lower() for d, b, _ in matches}
+    return {table for name in names & index.folded.keys() for table in index.folded[name]}
+
+
+class _Index(NamedTuple):
+    exact: frozenset[str]
+    folded: dict[str, tuple[str, ...]]  # lower case -> the tables spelt so in any case
+    odd: tuple[str, ...]  # names that are not one ASCII word
+
+
+@functools.lru_cache(maxsize=8)
+def _index(tables: frozenset[str]) -> _Index:
+    folded: dict[str, tuple[str, ...]] = {}
+    for table in sorted(tables):
+        folded[table.lower()] = (*folded.get(table.lower(), ()), table)
+    odd = tuple(sorted(table for table in tables if not _ASCII_WORD.fullmatch(table)))
+    return _Index(tables, folded, odd)
 
 
 @functools.lru_cache(maxsize=1)
@@ -387,24 +471,98 @@ def all_tables() -> frozenset[str]:
     return frozenset(m._meta.db_table for m in apps.get_models(include_auto_created=True))
 
 
-def _is_write(sql: str) -> bool:
-    head = sql.lstrip()[:9].upper()
-    if head.startswith(_WRITE_VERBS):
-        return True
-    return head.startswith("WITH") and _CTE_WRITE.search(sql) is not None
+def _verb(text: str) -> str | None:
+    """The verb a statement may write with, upper case ("" for several statements or one that
+    cannot be read), or None when it writes nothing."""
+    if ";" not in text and text.lstrip()[:6].upper() == "SELECT":
+        return None  # Spared the regular expression: raw reads are mostly spelt so.
+    match = _HEAD.match(text)
+    word = (match.group(1) or "").upper() if match else ""
+    if ";" not in text:
+        if word in _READS:
+            return None
+        if word not in ("WITH", "EXPLAIN"):
+            return word
+    tokens = _lex(text)
+    if tokens is None:
+        return ""
+    verbs = []
+    start = 0
+    for at, token in enumerate([*tokens, _SEMICOLON]):
+        if token == _SEMICOLON:
+            if at > start:
+                verbs.append(_statement_verb(tokens[start:at]))
+            start = at + 1
+    writes = [verb for verb in verbs if verb is not None]
+    if not writes:
+        return None
+    return writes[0] if len(writes) == 1 else ""
+
+
+def _statement_verb(tokens: list[_Token]) -> str | None:
+    at = 0
+    while at < len(tokens) - 1 and tokens[at] == _OPEN:
+        at += 1
+    word = tokens[at][1].upper() if tokens[at][0] == "word" else ""
+    if word in _READS:
+        return None
+    if word in ("WITH", "EXPLAIN"):
+        # A data-modifying WITH, or EXPLAIN ANALYZE, which runs the statement it explains: the
+        # verb of what it writes ("" for several kinds).
+        analysed = word == "WITH"
+        previous = ""
+        inner = set()
+        for kind, value in tokens:
+            current = value.upper() if kind == "word" else ""
+            analysed = analysed or current in ("ANALYZE", "ANALYSE")
+            if current in _DML and previous not in ("FOR", "KEY"):
+                inner.add(current)  # FOR [NO KEY] UPDATE locks rows, it does not write them.
+            previous = current
+        if not (inner and analysed):
+            return None
+        return inner.pop() if len(inner) == 1 else ""
+    return word
+
+
+def _text_of(sql: Any, context: dict[str, Any]) -> tuple[str, bool]:
+    """A statement given as something other than a str, as text, and whether that is its text
+    (False: a description of it, such as its repr, which may name its tables)."""
+    if isinstance(sql, (bytes, bytearray, memoryview)):
+        return bytes(sql).decode("utf-8", "replace"), True
+    as_string = getattr(sql, "as_string", None)
+    if callable(as_string):
+        # psycopg's sql.Composed renders for a connection or cursor of its own: the driver's
+        # cursor under Django's, else none at all (psycopg 3 then assumes UTF-8).
+        for adapt_context in (getattr(context.get("cursor"), "cursor", None), None):
+            with contextlib.suppress(Exception):
+                text = as_string(adapt_context)
+                if isinstance(text, str):
+                    return text, True
+    return str(sql), False
 
 
 def _execute_wrapper(
     execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict[str, Any]
 ) -> Any:
-    text = sql if isinstance(sql, str) else str(sql)
-    if _state.disabled or not _registry.tables or not _is_write(text):
+    if _state.disabled or not _registry.tables:
         return execute(sql, params, many, context)
-    tables = tables_in(text)
-    if not tables:
+    if isinstance(sql, str):
+        if sql.startswith(_READ_PREFIXES) and ";" not in sql:
+            return execute(sql, params, many, context)
+        text, sure = sql, True
+    else:
+        text, sure = _text_of(sql, context)
+    verb = _verb(text) if sure else ""
+    if verb is None:
         return execute(sql, params, many, context)
     connection = context["connection"]
-    claimed = _take_claim(text, params, many, tables, connection.vendor) if _state.claims else None
+    vendor = connection.vendor
+    tables = tables_in(text, vendor=vendor, loose=not sure or verb not in _KNOWN_VERBS)
+    if not tables:
+        return execute(sql, params, many, context)
+    claimed = None
+    if _state.claims and verb in ("INSERT", "UPDATE", "DELETE"):
+        claimed = _take_claim(text, params, many, tables, vendor)
     try:
         result = execute(sql, params, many, context)
     except Exception:
@@ -415,24 +573,25 @@ def _execute_wrapper(
         raise
     if claimed is not None:
         tables.discard(claimed)
-    invalidate_for_write(
-        _write_tags(text, params, many, tables, connection.vendor), connection.alias
-    )
+    tags = _write_tags(text, params, many, tables, vendor, deleting=verb in _DELETING)
+    invalidate_for_write(tags, connection.alias)
     return result
 
 
 def _write_tags(
-    text: str, params: Any, many: bool, tables: set[str], vendor: str
+    text: str, params: Any, many: bool, tables: set[str], vendor: str, *, deleting: bool
 ) -> tuple[str, ...]:
     """What a write naming ``tables`` (none of them claimed by a save or delete) invalidates."""
     if not tables:
         return ()
+    through = _registry.auto_through.keys()
+    if not deleting and through.isdisjoint(tables):
+        return tuple(table_tag(table) for table in sorted(tables))
     cascaded: set[str] = set()
-    if text.lstrip()[:8].upper().startswith(("DELETE", "TRUNCATE")):
+    if deleting:
         for table in tables:
             cascaded |= _registry.referencing.get(table, frozenset())
         cascaded -= tables
-    through = _registry.auto_through.keys()
     tags = [table_tag(table) for table in sorted((tables | cascaded) - through)]
     named = sorted(tables & through)
     if named:
@@ -580,7 +739,20 @@ class _NotUnderstood(Exception):
 
 
 def _tokens(text: str) -> list[_Token] | None:
-    """The statement's tokens without comments and spaces, ending in ``_END``; None if unsure."""
+    """One statement's tokens, ending in ``_END``; None if unsure or if there are several."""
+    tokens = _lex(text)
+    if tokens is None:
+        return None
+    if tokens and tokens[-1] == _SEMICOLON:
+        tokens.pop()
+    if _SEMICOLON in tokens:
+        return None
+    tokens.append(_END)
+    return tokens
+
+
+def _lex(text: str) -> list[_Token] | None:
+    """The tokens of a text without comments and spaces; None where the lexing is unsure."""
     tokens = []
     for match in _TOKEN.finditer(text):
         kind, value = match.lastgroup or "other", match.group()
@@ -593,7 +765,6 @@ def _tokens(text: str) -> list[_Token] | None:
         if (kind == "string" and "\\" in value) or (kind == "other" and value in "'\"`$"):
             return None  # Backslash escapes, dollar quoting, an unclosed quote: not this lexer's.
         tokens.append((kind, value))
-    tokens.append(_END)
     return tokens
 
 

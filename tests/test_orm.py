@@ -179,6 +179,71 @@ def test_writes_without_signals_evict_the_table(catalogue: dict[str, Any]) -> No
             catalogue["first"] = Product.objects.create(name="first", price=10)
 
 
+def test_raw_writes_in_any_spelling_evict_the_table(catalogue: dict[str, Any]) -> None:
+    writes = [
+        "/* audit */ UPDATE testapp_product SET price = price + 1",
+        "-- nightly job\nUPDATE testapp_product SET price = price + 1",
+        " /* a */ -- b\n /* c */ update testapp_product set price = price + 1",
+        "UPDATE TESTAPP_PRODUCT SET PRICE = PRICE + 1",
+        "UPDATE TestApp_Product SET price = price + 1",
+        "WITH a AS (SELECT 1) UPDATE testapp_product SET price = price + 1",
+        "/* report */ WITH a AS (SELECT 1) UPDATE testapp_product SET price = price + 1",
+        "UPDATE testapp_product SET price = price + 1;",
+    ]
+    if connection.vendor == "sqlite":
+        writes.append('UPDATE "TESTAPP_PRODUCT" SET price = price + 1')  # SQLite ignores case
+    if connection.vendor == "postgresql":
+        writes += [
+            "SELECT 1; UPDATE testapp_product SET price = price + 1",
+            "DO $$ BEGIN UPDATE testapp_product SET price = price + 1; END $$",
+        ]
+    for sql in writes:
+        fill(catalogue)
+        connection.cursor().execute(sql)
+        assert not stored("row-first"), sql
+        assert not stored("table"), sql
+        assert stored("category"), sql
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="psycopg's composed statements")
+def test_psycopg_composed_statements_evict_the_table(catalogue: dict[str, Any]) -> None:
+    from psycopg import sql
+
+    update = sql.SQL("UPDATE {} SET {} = {} + %s").format(
+        sql.Identifier("testapp_product"), sql.Identifier("price"), sql.Identifier("price")
+    )
+    for statement in (update, sql.SQL("/* job */ ") + update):
+        fill(catalogue)
+        connection.cursor().execute(statement, [1])
+        assert not stored("row-first")
+        assert stored("category")
+
+
+def test_reads_in_any_spelling_evict_nothing(catalogue: dict[str, Any]) -> None:
+    reads = [
+        "select * from testapp_product",
+        "/* UPDATE later */ SELECT * FROM testapp_product",
+        "-- DELETE FROM testapp_product\nSELECT * FROM testapp_product",
+        "SELECT * FROM testapp_product WHERE name = 'UPDATE testapp_product'",
+        "WITH a AS (SELECT id FROM testapp_product) SELECT * FROM a",
+        "EXPLAIN SELECT * FROM testapp_product",
+        "SELECT * FROM testapp_product;",
+    ]
+    if connection.vendor == "sqlite":
+        reads.append("PRAGMA table_info(testapp_product)")
+    if connection.vendor == "postgresql":
+        reads += [
+            "(SELECT id FROM testapp_product) UNION (SELECT id FROM testapp_product)",
+            "WITH a AS (SELECT id FROM testapp_product) SELECT * FROM a FOR UPDATE",
+            "SELECT 1; SELECT * FROM testapp_product",
+        ]
+    for sql in reads:
+        fill(catalogue)
+        connection.cursor().execute(sql)
+        assert stored("table"), sql
+        assert stored("row-first"), sql
+
+
 def test_cascade_deletes_evict_the_related_rows(catalogue: dict[str, Any]) -> None:
     fill(catalogue)
     catalogue["books"].delete()  # cascades to "first"

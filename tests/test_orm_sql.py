@@ -186,3 +186,83 @@ def test_m2m_rows_of_a_child_model_evict_their_parent_rows() -> None:
         "place1",
         "place2",
     }
+
+
+def tables_evicted(sql: Any, *, vendor: str, params: Any = None) -> set[str]:
+    """Which of the entries tagged with the product and the tag tables the statement evicts."""
+    cache.set("products", 1, tags=[Product])
+    cache.set("tags", 1, tags=[Tag])
+    run(sql, params, vendor=vendor)
+    return {name for name in ("products", "tags") if not stored(name)}
+
+
+@pytest.mark.parametrize(
+    ("vendor", "sql", "evicted"),
+    [
+        # Identifiers as each database reads them.
+        ("postgresql", "UPDATE TESTAPP_PRODUCT SET price = 1", {"products"}),
+        ("postgresql", 'UPDATE "TESTAPP_PRODUCT" SET price = 1', set()),  # another table
+        ("postgresql", 'UPDATE "testapp_product" SET price = 1', {"products"}),
+        ("sqlite", 'UPDATE "TESTAPP_PRODUCT" SET price = 1', {"products"}),
+        ("mysql", "UPDATE `TestApp_Product` SET price = 1", {"products"}),
+        # Comments and literals name no table...
+        ("sqlite", "/* not testapp_tag */ UPDATE testapp_product SET price = 1", {"products"}),
+        ("sqlite", "-- testapp_tag\nUPDATE testapp_product SET price = 1", {"products"}),
+        ("sqlite", "UPDATE testapp_product SET name = 'testapp_tag'", {"products"}),
+        # ...unless the lexer is unsure where they end: then every name counts.
+        ("mysql", "UPDATE testapp_product SET name = 'it\\'s testapp_tag'", {"products", "tags"}),
+        # Several statements: any of them may write.
+        ("postgresql", "SELECT 1; UPDATE testapp_product SET price = 1", {"products"}),
+        ("postgresql", "SELECT 1;\n/* then */ UPDATE testapp_tag SET name = ''", {"tags"}),
+        # A DELETE may cascade, in the database, to the tables that refer to it: here the
+        # through table, whose rows name products too.
+        ("postgresql", "DELETE FROM testapp_tag", {"products", "tags"}),
+        # Writes inside a WITH, or behind EXPLAIN ANALYZE.
+        (
+            "postgresql",
+            "/* x */ WITH gone AS (UPDATE testapp_tag SET name = '' RETURNING id) SELECT 1",
+            {"tags"},
+        ),
+        ("postgresql", "EXPLAIN (ANALYZE) UPDATE testapp_product SET price = 1", {"products"}),
+        # A statement that may write, whatever it is: the tables it names.
+        ("postgresql", "CALL refresh('testapp_product')", {"products"}),
+        # Not read (dollar quoting), so perhaps a DELETE: with the through table's cascade.
+        (
+            "postgresql",
+            "DO $$ BEGIN UPDATE TESTAPP_TAG SET name = ''; END $$",
+            {"products", "tags"},
+        ),
+        ("postgresql", "COPY testapp_product (name) FROM STDIN", {"products"}),
+        # Reads.
+        ("postgresql", "WITH a AS (SELECT 1) SELECT * FROM testapp_product FOR UPDATE", set()),
+        ("postgresql", "EXPLAIN UPDATE testapp_product SET price = 1", set()),
+        ("postgresql", "((SELECT 1)) UNION (SELECT id FROM testapp_product)", set()),
+        ("sqlite", "select * from testapp_product where name = 'DELETE'", set()),
+        ("sqlite", 'SAVEPOINT "s1"', set()),
+        ("sqlite", "CREATE INDEX product_name ON testapp_product (name)", set()),
+    ],
+)
+def test_statements_as_the_database_reads_them(vendor: str, sql: str, evicted: set[str]) -> None:
+    assert tables_evicted(sql, vendor=vendor) == evicted
+
+
+def test_statements_given_as_bytes_or_composed_objects() -> None:
+    from psycopg import sql
+
+    assert tables_evicted(b"UPDATE testapp_product SET price = 1", vendor="sqlite") == {"products"}
+    update = sql.SQL("/* job */ UPDATE {} SET price = 1").format(sql.Identifier("testapp_product"))
+    assert tables_evicted(update, vendor="postgresql") == {"products"}
+    quoted = sql.SQL("UPDATE {} SET price = 1").format(sql.Identifier("TESTAPP_PRODUCT"))
+    assert tables_evicted(quoted, vendor="postgresql") == set()
+
+    class Opaque:
+        """A statement object that cannot be rendered: only its repr names anything."""
+
+        def as_string(self, context: Any) -> str:
+            raise RuntimeError("no context")
+
+        def __str__(self) -> str:
+            return "Opaque(Identifier('testapp_tag'))"
+
+    # Not understood, so perhaps a DELETE: the through table's rows, which name products, too.
+    assert tables_evicted(Opaque(), vendor="postgresql") == {"products", "tags"}
