@@ -5,20 +5,20 @@ Two hooks, each doing what it knows best:
 - **Signals** (``post_save``, ``post_delete``), connected per model with ``sender=`` so models
   left out keep Django's fast-delete path. They know the row, so they invalidate row tags (which
   also evict entries tagged with the row's table).
-- **An execute wrapper** on every database connection (Django's ``execute_wrappers``): it sees
-  the writes that send no signal (``QuerySet.update()``, ``bulk_create``, ``bulk_update``, fast
-  deletes, raw SQL through Django's connections) and invalidates the tables they name, read as
-  the database reads them (and every name they might hold, when in doubt). It also reads the
-  many-to-many writes: which rows an INSERT into or a DELETE from an auto-created through table
-  names (Django skips its fast ``add()`` while anyone listens to ``m2m_changed``, so only through
-  models of your own still get that signal). Statements issued by a ``save()``/``delete()`` whose
-  signal will follow are *claimed* by that signal's ``pre_`` twin and skipped here, so a
-  single-row save does not evict every row of its table. A claim names the rows (by primary key)
-  a ``save_base()`` will UPDATE or a ``Collector.delete()`` will DELETE, and for a save one
-  INSERT per table; each statement consumes the rows it covers. It serves only statements that
-  call issues itself while it runs, not those of a receiver of its signals, and whose WHERE clause
-  names claimed rows only: any other write to the table is invalidated table-wide, and a save
-  that fails before reaching the database leaves nothing claimed behind.
+- **An execute wrapper** on every database connection (Django's ``execute_wrappers``): it sees the
+  writes that send no signal (``QuerySet.update()``, ``bulk_create``, ``bulk_update``, fast deletes,
+  raw SQL through Django's connections) and invalidates the tables they name, read as the database
+  reads them (and every name they might hold, when in doubt). It also reads the many-to-many writes:
+  which rows an INSERT into or a DELETE from an auto-created through table names (Django skips its
+  fast ``add()`` while anyone listens to ``m2m_changed``, so only through models of your own still
+  get that signal). Statements issued by a ``save()``/``delete()`` whose signal will follow are
+  *claimed* by that signal's ``pre_`` twin and skipped here, so a single-row save does not evict
+  every row of its table. A claim names the rows (by primary key) a ``save_base()`` will UPDATE or a
+  ``Collector.delete()`` will DELETE (or UPDATE first), and for a save one INSERT per table; the
+  statements it expects consume the rows they cover. It serves only statements that call issues
+  itself while it runs, not those of a receiver of its signals, and whose WHERE clause names claimed
+  rows only: any other write to the table is invalidated table-wide, and a save that fails before
+  reaching the database leaves nothing claimed behind.
 
 Inside ``atomic()`` a write invalidates at once (so no other process keeps serving the old value
 while the transaction runs) and again when the outermost transaction commits (so nothing read
@@ -654,13 +654,12 @@ def _take_claim(text: str, params: Any, many: bool, tables: set[str], vendor: st
             claim.inserts.discard(table)
             return table
         return None
+    # A save expects its UPDATEs; a delete its DELETEs, and also UPDATEs of the rows it is
+    # about to delete (where constraint checks cannot be deferred, as on MySQL, Django first
+    # sets their nullable foreign keys to NULL): post_delete will name those rows.
+    expected = "UPDATE" if claim.saving else "DELETE"
     rows, key, where = claim.rows.get(table), _registry.primary_keys.get(table), statement.where()
-    if (
-        statement.verb != ("UPDATE" if claim.saving else "DELETE")
-        or not rows
-        or not key
-        or not where
-    ):
+    if statement.verb not in (expected, "UPDATE") or not rows or not key or not where:
         return None
     try:
         allowed = _Where(
@@ -675,7 +674,8 @@ def _take_claim(text: str, params: Any, many: bool, tables: set[str], vendor: st
     pks = allowed.get(key.column)
     if not pks or not pks <= rows:
         return None  # Rows the signals will not name.
-    rows -= pks
+    if statement.verb == expected:
+        rows -= pks
     return table
 
 
@@ -789,8 +789,8 @@ def _names(name: tuple[str, bool], actual: str, vendor: str) -> bool:
     if vendor == "postgresql":
         # Unquoted names are folded to lower case; quoted ones are taken as they are.
         return written == actual if quoted else written.lower() == actual
-    # SQLite ignores case; MySQL mostly does (for tables, per lower_case_table_names). Where a
-    # database tells cases apart, matching more names only invalidates more.
+    # SQLite ignores case; MySQL does for columns, and for tables as lower_case_table_names
+    # says. Where a database tells cases apart, matching more names only invalidates more.
     return written.lower() == actual.lower()
 
 
