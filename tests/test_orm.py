@@ -16,12 +16,13 @@ import pytest
 from django.core.cache import cache, caches
 from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from django_warpmesh import cached_as, cached_queryset, invalidate, no_invalidation
 from django_warpmesh.cache import get_store
 from django_warpmesh.protocol import Op, OpCode
 from django_warpmesh.tags import row_tag, table_tag
-from tests.testapp.models import Category, Product, Tag
+from tests.testapp.models import Category, Node, Place, Product, Restaurant, Tag
 
 pytestmark = [pytest.mark.database, pytest.mark.django_db(transaction=True)]
 
@@ -178,6 +179,76 @@ def test_writes_without_signals_evict_the_table(catalogue: dict[str, Any]) -> No
             catalogue["first"] = Product.objects.create(name="first", price=10)
 
 
+def test_raw_writes_in_any_spelling_evict_the_table(catalogue: dict[str, Any]) -> None:
+    writes = [
+        "/* audit */ UPDATE testapp_product SET price = price + 1",
+        "-- nightly job\nUPDATE testapp_product SET price = price + 1",
+        " /* a */ -- b\n /* c */ update testapp_product set price = price + 1",
+        "UPDATE testapp_product SET price = price + 1;",
+    ]
+    if connection.vendor in ("sqlite", "postgresql"):
+        writes += [
+            # Unquoted names in any case (MySQL's table names may tell cases apart).
+            "UPDATE TESTAPP_PRODUCT SET PRICE = PRICE + 1",
+            "UPDATE TestApp_Product SET price = price + 1",
+            # Not in MariaDB's grammar.
+            "WITH a AS (SELECT 1) UPDATE testapp_product SET price = price + 1",
+            "/* report */ WITH a AS (SELECT 1) UPDATE testapp_product SET price = price + 1",
+        ]
+    if connection.vendor == "sqlite":
+        writes.append('UPDATE "TESTAPP_PRODUCT" SET price = price + 1')  # SQLite ignores case
+    if connection.vendor == "postgresql":
+        writes += [
+            "SELECT 1; UPDATE testapp_product SET price = price + 1",
+            "DO $$ BEGIN UPDATE testapp_product SET price = price + 1; END $$",
+        ]
+    for sql in writes:
+        fill(catalogue)
+        connection.cursor().execute(sql)
+        assert not stored("row-first"), sql
+        assert not stored("table"), sql
+        assert stored("category"), sql
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="psycopg's composed statements")
+def test_psycopg_composed_statements_evict_the_table(catalogue: dict[str, Any]) -> None:
+    from psycopg import sql
+
+    update = sql.SQL("UPDATE {} SET {} = {} + %s").format(
+        sql.Identifier("testapp_product"), sql.Identifier("price"), sql.Identifier("price")
+    )
+    for statement in (update, sql.SQL("/* job */ ") + update):
+        fill(catalogue)
+        connection.cursor().execute(statement, [1])
+        assert not stored("row-first")
+        assert stored("category")
+
+
+def test_reads_in_any_spelling_evict_nothing(catalogue: dict[str, Any]) -> None:
+    reads = [
+        "select * from testapp_product",
+        "/* UPDATE later */ SELECT * FROM testapp_product",
+        "-- DELETE FROM testapp_product\nSELECT * FROM testapp_product",
+        "SELECT * FROM testapp_product WHERE name = 'UPDATE testapp_product'",
+        "WITH a AS (SELECT id FROM testapp_product) SELECT * FROM a",
+        "EXPLAIN SELECT * FROM testapp_product",
+        "SELECT * FROM testapp_product;",
+    ]
+    if connection.vendor == "sqlite":
+        reads.append("PRAGMA table_info(testapp_product)")
+    if connection.vendor == "postgresql":
+        reads += [
+            "(SELECT id FROM testapp_product) UNION (SELECT id FROM testapp_product)",
+            "WITH a AS (SELECT id FROM testapp_product) SELECT * FROM a FOR UPDATE",
+            "SELECT 1; SELECT * FROM testapp_product",
+        ]
+    for sql in reads:
+        fill(catalogue)
+        connection.cursor().execute(sql)
+        assert stored("table"), sql
+        assert stored("row-first"), sql
+
+
 def test_cascade_deletes_evict_the_related_rows(catalogue: dict[str, Any]) -> None:
     fill(catalogue)
     catalogue["books"].delete()  # cascades to "first"
@@ -200,6 +271,139 @@ def test_m2m_changes_evict_both_sides(catalogue: dict[str, Any]) -> None:
         assert not stored("row-first")
         assert not stored("red")
         assert stored("row-second")
+
+
+def queries_run(operation: Callable[[], object]) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        operation()
+    return len(captured.captured_queries)
+
+
+def test_m2m_add_costs_no_query_more_than_without_the_hooks(catalogue: dict[str, Any]) -> None:
+    first, second, red = catalogue["first"], catalogue["second"], catalogue["red"]
+    blue = Tag.objects.create(name="blue")
+    adds: list[Callable[[], object]] = [
+        lambda: first.tags.add(red),
+        lambda: first.tags.add(red, blue),  # several rows: PostgreSQL inserts them through UNNEST
+        lambda: red.product_set.add(second),
+        lambda: blue.product_set.add(first, second),
+    ]
+
+    def counts() -> list[int]:
+        result = []
+        for add in adds:
+            result.append(queries_run(add))
+            first.tags.clear()
+            second.tags.clear()
+        return result
+
+    with override_settings(WARPMESH={"PEERS": [], "ENABLED": False, "ORM": False}):
+        without_hooks = counts()
+    assert counts() == without_hooks
+
+
+def test_m2m_writes_from_either_side_evict_the_rows_of_both(catalogue: dict[str, Any]) -> None:
+    first, second, red = catalogue["first"], catalogue["second"], catalogue["red"]
+    blue = Tag.objects.create(name="blue")
+    cases: list[tuple[Callable[[], object], Callable[[], object], set[str]]] = [
+        # (set-up, the write, the entries it must evict); the others must stay.
+        (lambda: None, lambda: first.tags.add(red), {"first", "red"}),
+        (lambda: None, lambda: red.product_set.add(first), {"first", "red"}),
+        (lambda: first.tags.add(red), lambda: first.tags.remove(red), {"first", "red"}),
+        (lambda: first.tags.add(red), lambda: red.product_set.remove(first), {"first", "red"}),
+        (lambda: first.tags.add(red), lambda: first.tags.set([blue]), {"first", "red", "blue"}),
+        (
+            lambda: first.tags.add(red),
+            lambda: red.product_set.set([second]),
+            {"first", "second", "red"},
+        ),
+        # clear(): which rows of the other side lose the relation is not in the statement.
+        (lambda: first.tags.add(red), first.tags.clear, {"first", "red", "blue"}),
+        (lambda: first.tags.add(red), red.product_set.clear, {"first", "second", "red"}),
+    ]
+    rows = {"first": first, "second": second, "red": red, "blue": blue}
+    for set_up, write, evicted in cases:
+        first.tags.clear()
+        second.tags.clear()
+        set_up()
+        for name, row in rows.items():
+            cache.set(name, 1, tags=[row])
+        write()
+        assert {name for name in rows if not stored(name)} == evicted, write
+
+
+def test_cached_prefetches_are_evicted_by_m2m_writes(catalogue: dict[str, Any]) -> None:
+    first, red = catalogue["first"], catalogue["red"]
+    products = Product.objects.prefetch_related("tags").order_by("pk")
+    tags = Tag.objects.prefetch_related("product_set").order_by("pk")
+
+    def tag_names() -> list[list[str]]:
+        return [[tag.name for tag in p.tags.all()] for p in cached_queryset(products)]
+
+    def product_names() -> list[list[str]]:
+        return [[p.name for p in tag.product_set.all()] for tag in cached_queryset(tags)]
+
+    assert tag_names() == [[], []]
+    assert product_names() == [[]]
+    first.tags.add(red)
+    assert tag_names() == [["red"], []]
+    assert product_names() == [["first"]]
+    red.product_set.remove(first)
+    assert tag_names() == [[], []]
+    assert product_names() == [[]]
+
+
+def test_raw_writes_to_a_through_table(catalogue: dict[str, Any]) -> None:
+    first, second, red = catalogue["first"], catalogue["second"], catalogue["red"]
+    through = Product.tags.through._meta.db_table
+    cursor = connection.cursor()
+    writes: list[tuple[str, list[Any], set[str]]] = [
+        # Understood: the product side is known, the tag side is not (all of it).
+        (f"DELETE FROM {through} WHERE product_id = %s", [first.pk], {"first", "red"}),
+        # Not understood (a subquery): both whole tables.
+        (
+            f"DELETE FROM {through} WHERE tag_id IN (SELECT id FROM testapp_tag WHERE name = %s)",
+            ["red"],
+            {"first", "second", "red"},
+        ),
+        (
+            f"INSERT INTO {through} (product_id, tag_id) SELECT id, %s FROM testapp_product "
+            "WHERE id = %s",
+            [red.pk, second.pk],
+            {"first", "second", "red"},
+        ),
+    ]
+    rows = {"first": first, "second": second, "red": red}
+    for sql, params, evicted in writes:
+        first.tags.set([red])
+        for name, row in rows.items():
+            cache.set(name, 1, tags=[row])
+        cursor.execute(sql, params)
+        assert {name for name in rows if not stored(name)} == evicted, sql
+
+
+def test_symmetrical_m2m_on_a_child_model(db_places: dict[str, Restaurant]) -> None:
+    a, b = db_places["a"], db_places["b"]
+    both = {"a", "b", "a-place", "b-place"}
+    cases: list[tuple[list[Restaurant], Callable[[], object], set[str]]] = [
+        ([], lambda: a.neighbours.add(b), both),
+        ([b], lambda: b.neighbours.remove(a), both),
+        # Either column may hold a, so the other one is unknown: the child's whole table.
+        ([b], a.neighbours.clear, {"a", "b", "c", "a-place"}),
+    ]
+    names = [*db_places, *(f"{name}-place" for name in db_places)]
+    for neighbours, write, evicted in cases:
+        a.neighbours.set(neighbours)
+        for name, row in db_places.items():
+            cache.set(name, 1, tags=[row])
+            cache.set(f"{name}-place", 1, tags=[Place(pk=row.pk)])
+        write()
+        assert {name for name in names if not stored(name)} == evicted, write
+
+
+@pytest.fixture
+def db_places() -> dict[str, Restaurant]:
+    return {name: Restaurant.objects.create(name=name) for name in ("a", "b", "c")}
 
 
 def test_no_invalidation_block_and_orm_setting(catalogue: dict[str, Any]) -> None:
@@ -251,6 +455,117 @@ def test_receiver_writes_during_a_save_are_not_swallowed(catalogue: dict[str, An
     finally:
         pre_save.disconnect(sender=Product, dispatch_uid="test-bump")
     assert not stored("row-second")
+
+
+@contextlib.contextmanager
+def receiver(signal: Any, sender: type[Any], func: Callable[..., None]) -> Iterator[None]:
+    signal.connect(func, sender=sender, dispatch_uid="test-receiver")
+    try:
+        yield
+    finally:
+        signal.disconnect(sender=sender, dispatch_uid="test-receiver")
+
+
+def test_a_receiver_write_after_a_delete_of_several_rows_is_not_swallowed(
+    catalogue: dict[str, Any],
+) -> None:
+    from django.db.models.signals import post_delete
+
+    third = Product.objects.create(name="third", price=30)
+
+    def touch_third(sender: type[Product], instance: Product, **kwargs: Any) -> None:
+        if instance.name == "first":
+            Product.objects.filter(pk=third.pk).update(price=31)
+
+    cache.set("third", 1, tags=[third])
+    with receiver(post_delete, Product, touch_third):
+        # One pre_delete per row, one DELETE for both.
+        Product.objects.filter(name__in=["first", "second"]).delete()
+    assert not stored("third")
+
+
+def test_deletes_of_several_rows_evict_only_theirs(
+    catalogue: dict[str, Any], db_places: dict[str, Restaurant]
+) -> None:
+    third = Product.objects.create(name="third", price=30)
+    cache.set("third", 1, tags=[third])
+    cache.set("c", 1, tags=[Place(pk=db_places["c"].pk)])
+    Product.objects.filter(name__in=["first", "second"]).delete()
+    Product.objects.bulk_create(Product(name="many") for _ in range(150))
+    cache.set("third", 1, tags=[third])
+    assert Product.objects.filter(name="many").delete()[0] == 150  # two DELETE statements
+    db_places["a"].delete()  # the child's table, then its parent's
+    Restaurant.objects.filter(pk=db_places["b"].pk).delete()
+    assert stored("third")
+    assert stored("c")
+
+
+def test_a_receiver_write_during_a_child_model_delete_is_not_swallowed(
+    db_places: dict[str, Restaurant],
+) -> None:
+    from django.db.models.signals import post_delete
+
+    a, b = db_places["a"], db_places["b"]
+
+    def rename_b(sender: type[Restaurant], instance: Restaurant, **kwargs: Any) -> None:
+        # Sent after the child table's DELETE, before the parent table's.
+        Place.objects.filter(pk=b.pk).update(name="renamed")
+
+    cache.set("b", 1, tags=[Place(pk=b.pk)])
+    with receiver(post_delete, Restaurant, rename_b):
+        a.delete()  # pre_delete for the child and for its parent row: the parent table twice
+    assert not stored("b")
+
+
+def test_a_receiver_write_after_a_save_that_skipped_a_parent_is_not_swallowed(
+    db_places: dict[str, Restaurant],
+) -> None:
+    from django.db.models.signals import post_save
+
+    a, b = db_places["a"], db_places["b"]
+
+    def rename_b(sender: type[Restaurant], instance: Restaurant, **kwargs: Any) -> None:
+        Place.objects.filter(pk=b.pk).update(name="renamed")
+
+    cache.set("b", 1, tags=[Place(pk=b.pk)])
+    with receiver(post_save, Restaurant, rename_b):
+        a.save(update_fields=["serves"])  # no UPDATE of the parent table
+    assert not stored("b")
+
+
+def test_a_delete_nulling_references_in_its_own_table_evicts_them() -> None:
+    root, other = Node.objects.create(name="root"), Node.objects.create(name="other")
+    child = Node.objects.create(name="child", parent=root)
+    cache.set("child", 1, tags=[child])
+    # Both rows claimed, then an UPDATE of that table (parent = NULL) before their DELETE.
+    Node.objects.filter(pk__in=[root.pk, other.pk]).delete()
+    assert Node.objects.get(pk=child.pk).parent is None
+    assert not stored("child")
+
+
+def test_a_delete_that_first_nulls_its_rows_foreign_keys_evicts_only_them(
+    catalogue: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on MySQL: no deferred constraint checks, so before deleting a category Django sets its
+    # products' (nullable) category to NULL, in the products it is about to delete.
+    monkeypatch.setattr(connection.features, "can_defer_constraint_checks", False)
+    fill(catalogue)
+    with CaptureQueriesContext(connection) as captured:
+        catalogue["books"].delete()  # cascades to "first"
+    assert any(q["sql"].startswith("UPDATE") for q in captured.captured_queries)
+    assert not stored("row-first")
+    assert not stored("category")
+    assert stored("row-second")
+
+
+def test_a_save_that_updates_nothing_then_inserts_evicts_only_its_row(
+    catalogue: dict[str, Any],
+) -> None:
+    fill(catalogue)
+    Product(pk=catalogue["second"].pk + 100, name="new").save()  # UPDATE (no row), then INSERT
+    assert not stored("table")
+    assert stored("row-first")
+    assert stored("row-second")
 
 
 # -- transactions -------------------------------------------------------------------------------
