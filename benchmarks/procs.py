@@ -39,6 +39,8 @@ class Worker:
         self, name: str, warpmesh: dict[str, Any], env: dict[str, str] | None = None
     ) -> None:
         self.name = name
+        self.warpmesh = warpmesh
+        self.env = env
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
         full_env.update(
             DJANGO_SETTINGS_MODULE="benchmarks.settings",
@@ -84,6 +86,12 @@ class Worker:
 
     def call(self, function: str, timeout: float = 60.0, **kwargs: Any) -> Any:
         """Run ``benchmarks.<module>:<function>`` in the worker and return its result."""
+        self.submit(function, **kwargs)
+        return self.result(timeout)
+
+    def submit(self, function: str, **kwargs: Any) -> None:
+        """Start ``benchmarks.<module>:<function>`` in the worker; :meth:`result` waits for it
+        (so that several workers can run a call at the same time)."""
         self.wait_hello()
         assert self.proc.stdin is not None
         request = {"call": f"benchmarks.{function}", "kwargs": kwargs}
@@ -92,6 +100,9 @@ class Worker:
             self.proc.stdin.flush()
         except OSError as exc:
             raise WorkerError(f"{self.name}: cannot send ({exc}): {self.stderr_tail()}") from None
+
+    def result(self, timeout: float = 60.0) -> Any:
+        """The result of the call :meth:`submit` started."""
         reply = self._read(time.monotonic() + timeout)
         if "error" in reply:
             raise WorkerError(f"{self.name}: {reply['error']}")
@@ -107,6 +118,31 @@ class Worker:
             self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
+
+    def leave(self, timeout: float = 10.0) -> tuple[float, float]:
+        """Exit through the worker's normal path: ``stop_node()`` (what ``atexit`` runs), then
+        the interpreter's own exit. Returns the seconds until ``stop_node()`` had returned and
+        until the process was gone (its stdout closed); :meth:`close` cleans up after."""
+        self.wait_hello()
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        started = time.monotonic()
+        deadline = started + timeout
+        try:
+            self.proc.stdin.write(b'{"call": "exit"}\n')
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise WorkerError(f"{self.name}: cannot send ({exc}): {self.stderr_tail()}") from None
+        self._read(deadline)
+        stopped = time.monotonic() - started
+        fd = self.proc.stdout.fileno()
+        while (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if readable and not os.read(fd, 65536):
+                break  # end of file: the process has exited
+        gone = time.monotonic() - started
+        self.proc.wait(max(0.0, deadline - time.monotonic()))
+        return stopped, gone
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask the worker to stop its node and exit; kill it if it does not within ``timeout``."""
