@@ -358,17 +358,22 @@ def invalidate(*tags: Any) -> None:
     invalidate_tags(normalize(tags))
 
 
-def invalidate_tags(tags: tuple[str, ...]) -> None:
-    """:func:`invalidate` for tags already in wire form (the ORM layer's entry point)."""
+def invalidate_tags(tags: tuple[str, ...], *, start: bool = True) -> None:
+    """:func:`invalidate` for tags already in wire form (the ORM layer's entry point).
+
+    ``start=False``: through this process's node if it runs, but without starting one (the ORM
+    hooks during ``migrate``); otherwise in this process only.
+    """
     if not tags:
         return
-    node = mesh_node.get_node()
+    node = mesh_node.get_node() if start else mesh_node.current_node()
     names = dict.fromkeys((*mesh_locations(), *_stores))
     for name in names:
         store = get_store(name)
         with store.lock:
             store._forget_tags(tags)
-            node.publish(name, OpCode.TAGS, list(tags))
+            if node is not None:
+                node.publish(name, OpCode.TAGS, list(tags))
 
 
 mesh_node.set_node_factory(_build_node, _existing_stores)

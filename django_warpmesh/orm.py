@@ -51,7 +51,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save, pre_de
 from django.dispatch import Signal
 
 from django_warpmesh.cache import add_store_guard, invalidate_tags
-from django_warpmesh.conf import get_settings
+from django_warpmesh.conf import get_settings, running_migration_command
 from django_warpmesh.tags import conflicts, row_tag, table_tag
 
 logger = logging.getLogger("django_warpmesh")
@@ -297,11 +297,16 @@ def invalidate_for_write(tags: tuple[str, ...], using: str | None) -> None:
     """Invalidate now, and again when the outermost transaction on ``using`` commits."""
     if not tags:
         return
-    invalidate_tags(tags)
+    # A migration command's schema work (and SQLite's table remakes) must not make it join the
+    # mesh: it applies here, and through a node only if something else already started one.
+    start = not running_migration_command()
+    invalidate_tags(tags, start=start)
     alias = using or "default"
     if alias in connections and connections[alias].in_atomic_block:
         _state.dirty.setdefault(alias, set()).update(tags)
-        transaction.on_commit(functools.partial(invalidate_tags, tags), using=alias, robust=True)
+        transaction.on_commit(
+            functools.partial(invalidate_tags, tags, start=start), using=alias, robust=True
+        )
 
 
 def _uncommitted_by_this_thread(tags: tuple[str, ...]) -> bool:

@@ -221,3 +221,11 @@ def test_a_child_forked_after_the_socket_opened_is_relayed_by_its_parent() -> No
         child.request("exit")
         assert child._read() == {"ok": {"child_status": 0}}  # the parent answers again
         wait_for(lambda: not parent.stats()["relayed_pids"], 5, message="the child forgotten")
+
+
+@pytest.mark.database
+def test_migrate_does_not_join_the_mesh(empty_db: dict[str, str]) -> None:
+    # Creating and altering watched tables are writes the ORM hooks see.
+    result = manage("migrate", env=empty_db)
+    assert result.returncode == 0, result.stderr
+    assert "mesh: enabled" not in result.stderr
