@@ -374,6 +374,8 @@ def invalidate_tags(tags: tuple[str, ...], *, start: bool = True) -> None:
             store._forget_tags(tags)
             if node is not None:
                 node.publish(name, OpCode.TAGS, list(tags))
+    if node is not None:
+        node.deliver()
 
 
 mesh_node.set_node_factory(_build_node, _existing_stores)
@@ -439,6 +441,26 @@ class MeshCache(LocMemCache):
     # them. Published after the lock, a refill racing a delete could queue [DELETE, the old
     # value], and peers holding the old value would keep it. (Lock order: store, then node.)
 
+    # -- reads: first what has already arrived from the peers -----------------------------------
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        mesh_node.drain_before_read()
+        return super().get(key, default, version)
+
+    def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
+        mesh_node.drain_before_read()
+        found = {}
+        missing = self._missing_key
+        for key in keys:
+            value = LocMemCache.get(self, key, missing, version)
+            if value is not missing:
+                found[key] = value
+        return found
+
+    def has_key(self, key: Any, version: int | None = None) -> bool:
+        mesh_node.drain_before_read()
+        return super().has_key(key, version)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def add(
@@ -459,6 +481,7 @@ class MeshCache(LocMemCache):
             if node.ready:
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
             self._publish_value(node, key, pickled)
+        node.deliver()
         return True
 
     def set(
@@ -479,6 +502,7 @@ class MeshCache(LocMemCache):
             else:
                 self._store._forget(key)
             self._publish_value(node, key, pickled)
+        node.deliver()
 
     def set_many(
         self,
@@ -509,6 +533,7 @@ class MeshCache(LocMemCache):
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
         key = self.make_and_validate_key(key, version=version)
         node = mesh_node.get_node()
+        mesh_node.drain_before_read()  # it reads the value it adds to
         with self._store.lock:
             if self._store.has_expired(key):
                 self._store._forget(key)
@@ -519,6 +544,7 @@ class MeshCache(LocMemCache):
             cache[key] = pickled
             cache.move_to_end(key, last=False)
             self._publish_value(node, key, pickled)
+        node.deliver()
         return new_value
 
     def delete(self, key: Any, version: int | None = None) -> bool:
@@ -529,6 +555,7 @@ class MeshCache(LocMemCache):
             self._store._forget(key)
             # Peers may hold the key even where we did not.
             node.publish(self._name, OpCode.DELETE, [key])
+        node.deliver()
         return existed
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
@@ -540,12 +567,14 @@ class MeshCache(LocMemCache):
             for key in made:
                 self._store._forget(key)
             node.publish(self._name, OpCode.DELETE, made)
+        node.deliver()
 
     def clear(self) -> None:
         node = mesh_node.get_node()
         with self._store.lock:
             self._store._forget_all()
             node.publish(self._name, OpCode.CLEAR, None)
+        node.deliver()
 
     def delete_pattern(self, pattern: str, version: int | None = None) -> int:
         """Delete every key matching a glob ``pattern`` here and in every peer (as django-redis).
@@ -564,6 +593,7 @@ class MeshCache(LocMemCache):
         with self._store.lock:
             deleted = self._store._forget_matching(full_pattern)
             node.publish(self._name, OpCode.PATTERN, full_pattern)
+        node.deliver()
         return deleted
 
     def get_or_set(
@@ -602,6 +632,7 @@ class MeshCache(LocMemCache):
                         expiry = self._expiry(timeout, node.max_timeout)
                         self._put(made, pickled, expiry, normalized)
                     self._publish_value(node, made, pickled)
+            node.deliver()
         finally:
             if not closed:
                 store.end_fill(started_at, made, normalized)

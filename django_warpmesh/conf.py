@@ -57,6 +57,7 @@ class MeshSettings:
     stale_after: float = 30.0
     database: str | None = None
     degraded_timeout: float | None = 5.0
+    drain_on_read: bool = True
     orm: bool = True
     orm_include: tuple[str, ...] = ()
     orm_exclude: tuple[str, ...] = ()
@@ -291,6 +292,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "STALE_AFTER": ("stale_after", _as_seconds),
     "DATABASE": ("database", _as_optional_str),
     "DEGRADED_TIMEOUT": ("degraded_timeout", _as_optional_seconds),
+    "DRAIN_ON_READ": ("drain_on_read", _as_bool),
     "ORM": ("orm", _as_bool),
     "ORM_INCLUDE": ("orm_include", _as_model_labels),
     "ORM_EXCLUDE": ("orm_exclude", _as_model_labels),

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import pynng
@@ -103,6 +103,17 @@ class Wakeup:
     def wait(self, timeout: float) -> bool:
         """Wait until set or ``timeout`` seconds have passed; True (and clear it) if it was set."""
         return self._lock.acquire(timeout=timeout)
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock, timeout: float) -> Iterator[bool]:
+    """Hold ``lock`` for the block if it can be had within ``timeout``; says whether it was."""
+    acquired = lock.acquire(timeout=timeout)
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            lock.release()
 
 
 class _Readable:
@@ -217,6 +228,9 @@ class NullNode:
     def publish(self, alias: str, code: OpCode, arg: Any) -> None:
         pass
 
+    def deliver(self) -> None:
+        pass
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "enabled": False,
@@ -276,6 +290,15 @@ class MeshNode:
         self._queue: list[tuple[str, OpCode, Any]] = []
         self._overflowed: set[str] = set()
         self._wake = Wakeup()
+        # Held by whichever thread sends (a writing thread delivering its own invalidation, or
+        # the sender thread): one send at a time keeps frames in sequence order.
+        self._send_lock = threading.Lock()
+        # Held by whichever thread takes frames off the socket and applies them (a reading
+        # thread draining before its read, or the receiver thread); `_draining` says so without
+        # taking it, so a read that finds it held waits for frames already taken to be applied.
+        self._drain_lock = threading.Lock()
+        self._draining = False
+        self._recv_poll: select.poll | None = None
         self._stop = threading.Event()
         self._started = False
         # Leaving (stop): invalidations are no longer held back after this clock reading, and
@@ -334,6 +357,9 @@ class MeshNode:
             reconnect_time_min=50,
             reconnect_time_max=1000,
         )
+        if config.drain_on_read and hasattr(select, "poll"):
+            self._recv_poll = select.poll()
+            self._recv_poll.register(self._socket.recv_fd, select.POLLIN)
         self._socket.add_post_pipe_connect_cb(self._on_pipe_connect)
         self._socket.add_post_pipe_remove_cb(self._on_pipe_remove)
         if not self.observer:
@@ -426,12 +452,20 @@ class MeshNode:
         if maintenance is not None and maintenance is not current:
             maintenance.join(max(0.0, deadline - time.monotonic()))
         # nng aborts the process if its socket is closed during a send: the sender must be
-        # done first. It never blocks (sends are non-blocking), so this is short.
+        # done first, and so must a writing thread sending, or a reading thread draining (their
+        # locks). None of them blocks (sends and receives are non-blocking), so this is short.
+        self._recv_poll = None  # reads no longer drain
         if sender is not None and sender is not current:
             sender.join(max(0.0, deadline - time.monotonic()) + SENDER_GRACE)
+        grace = max(0.0, deadline - time.monotonic()) + SENDER_GRACE
         if self._socket is not None and not (sender is not None and sender.is_alive()):
-            with contextlib.suppress(Exception):
-                self._socket.close()
+            with (
+                _held(self._send_lock, grace) as sending,
+                _held(self._drain_lock, grace) as draining,
+            ):
+                if sending and draining:
+                    with contextlib.suppress(Exception):
+                        self._socket.close()
         if receiver is not None and receiver is not current:
             receiver.join(max(0.0, deadline - time.monotonic()))
         if self._hub is not None:
@@ -462,6 +496,7 @@ class MeshNode:
         if self._hub is not None:
             self._hub.forward_ops([op], exclude=source)
         self.publish(alias, code, arg)
+        self.deliver()
 
     def _state_changed(self) -> None:
         if self._hub is not None:
@@ -492,8 +527,28 @@ class MeshNode:
                 self.counters.queue_overflows += 1
                 return
             queue.append((alias, code, arg))
-            if len(queue) == 1:
-                self._wake.set()
+
+    def deliver(self) -> None:
+        """Send what is queued now, on the calling (writing) thread. Never blocks, never raises.
+
+        Called after ``publish`` once the store's lock is released. If another thread is
+        sending, that send (or the sender thread, woken here) takes the queue: a writing thread
+        never waits for another. Sending here saves the hand-off to the sender thread, which on
+        a busy worker waits for the GIL (up to ``sys.getswitchinterval()``, 5 ms).
+        """
+        if not self._queue:
+            return
+        if self._holding() or not self._send_lock.acquire(blocking=False):
+            self._wake.set()
+            return
+        try:
+            self._send_queued()
+        except Exception:
+            logger.exception("mesh: send error (continuing)")
+        finally:
+            self._send_lock.release()
+        if self._queue:  # queued while we sent, by a thread that found the lock taken
+            self._wake.set()
 
     # -- peers ------------------------------------------------------------------------------
 
@@ -612,7 +667,8 @@ class MeshNode:
                 beat = now >= next_heartbeat or self._heartbeat_now.is_set()
                 if beat and not stopping and not self._bye_sent.is_set():
                     self._heartbeat_now.clear()
-                    self._send_heartbeat()
+                    with self._send_lock:
+                        self._send_heartbeat()
                     next_heartbeat = now + self.config.heartbeat
             except Exception:
                 # Never let the sender die: a dead sender would leave every peer stale.
@@ -640,7 +696,23 @@ class MeshNode:
         return not self.ready and self._clock() < self._leave_by
 
     def _send_pending(self) -> None:
-        queue, overflowed, outbox = self._take_pending()
+        with self._send_lock:
+            queue, overflowed, outbox = self._take_pending()
+            self._send_invalidations(queue, overflowed)
+            self._send_outbox(outbox)
+
+    def _send_queued(self) -> None:
+        """The invalidations queued now (the caller holds the send lock)."""
+        with self._lock:
+            if self._holding():
+                return
+            queue, self._queue = self._queue, []
+            overflowed, self._overflowed = self._overflowed, set()
+        self._send_invalidations(queue, overflowed)
+
+    def _send_invalidations(
+        self, queue: list[tuple[str, OpCode, Any]], overflowed: set[str]
+    ) -> None:
         if queue or overflowed:
             budget = min(FRAME_BODY_BUDGET, self.config.max_frame_bytes - protocol.FRAME_OVERHEAD)
             try:
@@ -663,6 +735,8 @@ class MeshNode:
                         chunks.append(ops)
             for chunk in chunks:
                 self._send_invalidate(chunk)
+
+    def _send_outbox(self, outbox: list[Any]) -> None:
         for kind, body in outbox:
             if kind is Kind.BYE:
                 self._send_bye()
@@ -742,38 +816,76 @@ class MeshNode:
     # -- receiver -----------------------------------------------------------------------------
 
     def _run_receiver(self) -> None:
-        sock = self._socket
         # Wait on nng's "message ready" descriptor, then take what is queued without blocking:
         # a blocking nng receive costs an extra thread hand-off inside nng per message, and each
         # of its timeouts wakes nng's own timer threads too.
-        ready = _Readable(sock.recv_fd)
+        ready = _Readable(self._socket.recv_fd)
         last_tick = 0.0
         while not self._stop.is_set():
             until_tick = self._tick_every_ms() - (self._clock() - last_tick) * 1000
-            batch = []
             try:
                 # Rounded up: a wait that ended a fraction of a millisecond early would spin.
                 if ready.wait(max(0, math.ceil(until_tick))):
-                    with contextlib.suppress(pynng.TryAgain):
-                        batch.append(sock.recv_msg(block=False))
-                        while len(batch) < RECV_BATCH and ready.wait(0):
-                            batch.append(sock.recv_msg(block=False))
-            except pynng.Closed:
-                return
-            except Exception:
-                logger.exception("mesh: receive error (continuing)")
-                batch = []
-            try:
-                if batch:
-                    self._handle_batch(batch)
+                    with self._drain_lock:
+                        self._draining = True
+                        try:
+                            self._drain_socket()
+                        finally:
+                            self._draining = False
                 # On its cadence, not after every batch: under traffic that is most of a
                 # receiver's work per frame. During start-up, at once: readiness is news.
                 now = self._clock()
                 if not self.ready or now - last_tick >= self._tick_every_ms() / 1000:
                     last_tick = now
-                    self._tick()
+                    with self._drain_lock:
+                        self._tick()
+            except pynng.Closed:
+                return
             except Exception:
                 logger.exception("mesh: error handling received frames (continuing)")
+
+    def drain(self) -> None:
+        """Apply, on the calling (reading) thread, the frames already in the socket's queue.
+
+        Called before a read, so that a read starting after an invalidation reached this
+        process never serves the value it invalidates, however long the receiver thread waits
+        for the GIL. Costs one non-blocking readiness check when nothing is waiting. If another
+        thread is taking frames off the socket, this waits until it has applied them: they may
+        hold the invalidation this read must see.
+        """
+        poll = self._recv_poll
+        if poll is None or not (self._draining or poll.poll(0)):
+            return
+        try:
+            with self._drain_lock:
+                self._draining = True
+                try:
+                    self._drain_socket()
+                finally:
+                    self._draining = False
+        except pynng.Closed:
+            pass
+        except Exception:
+            logger.exception("mesh: error applying received frames on a read (continuing)")
+
+    def _drain_socket(self) -> None:
+        """Take every frame queued on the socket and apply it (the caller holds the drain lock).
+
+        Each receive is one call into nng that releases the GIL: frames are taken until the
+        queue says it is empty, with no readiness check between them.
+        """
+        sock = self._socket
+        while True:
+            batch: list[Any] = []
+            try:
+                while len(batch) < RECV_BATCH:
+                    batch.append(sock.recv_msg(block=False))
+            except pynng.TryAgain:
+                pass
+            if batch:
+                self._handle_batch(batch)
+            if len(batch) < RECV_BATCH:
+                return
 
     def _tick_every_ms(self) -> int:
         # Often only while something is pending (a missing frame's grace period, the start-up
@@ -1441,8 +1553,16 @@ def get_node() -> AnyNode:
     return _start_node()
 
 
+def _no_drain() -> None:
+    pass
+
+
+# Called by every cache read: the running node's drain() (see MeshNode.drain), or nothing.
+drain_before_read: Callable[[], None] = _no_drain
+
+
 def _start_node() -> AnyNode:
-    global _current
+    global _current, drain_before_read
     with _current_lock:
         if _current is None:
             if _node_factory is None:
@@ -1450,6 +1570,8 @@ def _start_node() -> AnyNode:
                 # not remember this answer, or the first real cache use would never start it.
                 return NullNode("no MeshCache configured in this process yet")
             _current = _make_node(_node_factory)
+            if isinstance(_current, MeshNode) and _current.config.drain_on_read:
+                drain_before_read = _current.drain
         return _current
 
 
@@ -1522,9 +1644,10 @@ def _register_existing_stores(node: AnyNode) -> None:
 
 def stop_node() -> None:
     """Stop this process's node (atexit, tests). The next cache use starts a new one."""
-    global _current
+    global _current, drain_before_read
     with _current_lock:
         node, _current = _current, None
+        drain_before_read = _no_drain
     if node is not None and node.pid == os.getpid():
         node.stop()
 
@@ -1554,7 +1677,8 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _current, _current_lock, _relay_pair, _relay_channel
+    global _current, _current_lock, _relay_pair, _relay_channel, drain_before_read
+    drain_before_read = _no_drain
     if _nng_opened_in is not None:
         # pynng's atexit handler shuts nng down; in a child of a process that used nng it
         # waits forever for threads that were not forked, and the child never exits.

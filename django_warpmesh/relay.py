@@ -332,6 +332,9 @@ class RelayedNode:
         self._link.write(encode([alias, int(code), arg]))
         self.invalidations_sent += 1
 
+    def deliver(self) -> None:
+        pass  # publish() already wrote to the parent
+
     def snapshot(self) -> dict[str, Any]:
         from django_warpmesh.node import NullNode
 

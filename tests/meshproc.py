@@ -48,6 +48,33 @@ def chaos(cache: Any, request: dict[str, Any]) -> dict[str, list[list[Any]]]:
     return {"reads": reads, "writes": writes}
 
 
+def _starvable_mesh_threads() -> dict[str, bool]:
+    """Lets a test stop the node's receiver or sender thread from running ("starve")."""
+    import threading
+
+    from django_warpmesh import node as mesh_node
+
+    starved: dict[str, bool] = {}
+    readable_wait, wakeup_wait = mesh_node._Readable.wait, mesh_node.Wakeup.wait
+
+    def starving(wait: Any) -> Any:
+        def patched(self: Any, timeout: float) -> bool:
+            name = threading.current_thread().name
+            if not starved.get(name):
+                return bool(wait(self, timeout))
+            starved[f"{name}:held"] = True
+            while starved.get(name):
+                time.sleep(0.005)
+            starved[f"{name}:held"] = False
+            return False
+
+        return patched
+
+    mesh_node._Readable.wait = starving(readable_wait)  # type: ignore[method-assign]
+    mesh_node.Wakeup.wait = starving(wakeup_wait)  # type: ignore[method-assign]
+    return starved
+
+
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     import django
@@ -68,6 +95,7 @@ def main() -> None:
 
     saved: dict[str, Any] = {}
     logged: list[str] = []
+    starved = _starvable_mesh_threads()
 
     class Remember(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -103,6 +131,23 @@ def main() -> None:
             prefix, count = request["prefix"], request["count"]
             for i in range(count):
                 cache.delete(f"{prefix}{i}")
+            return count
+        if call == "threaded_deletes":
+            # Many writing threads at once: each sends inline, or leaves it to the one sending.
+            import threading
+
+            cache = caches[alias]
+            count, threads = request["count"], request["threads"]
+
+            def deletes(start: int) -> None:
+                for i in range(start, count, threads):
+                    cache.delete(f"{request['prefix']}{i}")
+
+            workers = [threading.Thread(target=deletes, args=(n,)) for n in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
             return count
         if call == "fill_local":
             # Store values in this process only, as if each had been filled from the database.
@@ -145,6 +190,21 @@ def main() -> None:
 
             connections.settings["default"].update(saved)
             return True
+        if call == "starve":
+            # A mesh thread that gets no turn, as one waiting for the GIL on a busy worker;
+            # answered once it is held (its wait under way when asked ends first).
+            name, on = request["thread"], request.get("on", True)
+            starved[name] = on
+            deadline = time.monotonic() + 5
+            while on and not starved.get(f"{name}:held") and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return bool(starved.get(f"{name}:held")) == on
+        if call == "socket_ready":
+            # Whether a frame waits in nng's receive queue (reached this process, not applied).
+            import select
+
+            node = mesh_node.get_node()
+            return bool(select.select([node._socket.recv_fd], [], [], 0)[0])  # type: ignore[union-attr]
         if call == "fork":
             # The child answers and goes on serving these requests; the parent (its mesh
             # threads running) waits for it to exit, then answers with its exit status.

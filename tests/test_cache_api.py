@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 from django.core.cache.backends import base as cache_base
 from django.core.cache.backends import locmem
 from django.core.cache.backends.base import BaseCache, CacheKeyWarning, InvalidCacheKey
@@ -1420,6 +1421,8 @@ class RecordingNode:
         self.stores: dict[str, Any] = {}
         self.stored_at_publish: list[dict[str, bytes]] = []
         self.cache: MeshCache | None = None
+        self.deliveries = 0
+        self.delivered_while_locked = False
 
     def register_store(self, name: str, store: Any) -> None:
         self.stores[name] = store
@@ -1428,6 +1431,11 @@ class RecordingNode:
         self.published.append((alias, code, arg))
         store = self.stores.get(alias)
         self.stored_at_publish.append(dict(store.cache) if store is not None else {})
+
+    def deliver(self) -> None:
+        self.deliveries += 1
+        # A send may release the GIL: holding a store's lock meanwhile would stall its readers.
+        self.delivered_while_locked |= any(store.lock.locked() for store in self.stores.values())
 
     def take(self) -> list[tuple[str, OpCode, Any]]:
         published, self.published = self.published, []
@@ -1839,3 +1847,47 @@ def test_aget_or_set_does_not_store_a_value_invalidated_while_computed(
     assert node.published == []
     assert asyncio.run(cache.aget_or_set("k", "stored")) == "stored"
     assert cache.get("k") == "stored"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda c: c.set("k", 1),
+        lambda c: c.add("fresh", 1),
+        lambda c: c.set_many({"a": 1, "b": 2}),
+        lambda c: c.incr("n"),
+        lambda c: c.delete("k"),
+        lambda c: c.delete_many(["a", "b"]),
+        lambda c: c.clear(),
+        lambda c: c.delete_pattern("k*"),
+        lambda c: c.get_or_set("filled", 1),
+        lambda c: mesh_cache.invalidate("a-tag"),
+    ],
+    ids=[
+        "set",
+        "add",
+        "set_many",
+        "incr",
+        "delete",
+        "delete_many",
+        "clear",
+        "delete_pattern",
+        "get_or_set",
+        "invalidate",
+    ],
+)
+def test_every_write_sends_its_invalidation_itself(
+    node: RecordingNode, write: Callable[[MeshCache], object]
+) -> None:
+    """The writing thread hands what it queued to the node at once (no hop to another thread),
+    after releasing the store's lock."""
+    cache = caches["default"]
+    assert isinstance(cache, MeshCache)
+    node.register_store(cache._name, cache._store)
+    cache.set("n", 1)
+    node.take()
+    before = node.deliveries
+    write(cache)
+    assert node.take(), "nothing was queued"
+    assert node.deliveries > before
+    assert not node.delivered_while_locked

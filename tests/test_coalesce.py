@@ -264,6 +264,8 @@ class InterleavingNode:
         self.alias = alias
         self.scheduler = scheduler
         self.queued: list[tuple[str, OpCode, Any]] = []
+        # Where each inline send cut the queue: it takes everything queued so far, by any thread.
+        self.delivered_at: set[int] = set()
 
     def register_store(self, name: str, store: Any) -> None:
         pass
@@ -272,6 +274,11 @@ class InterleavingNode:
         if alias == self.alias:
             self.scheduler.switch("ready")
             self.queued.append((alias, code, arg))
+
+    def deliver(self) -> None:
+        """The writing thread's own send: another thread may run first (a switch point)."""
+        self.scheduler.switch("ready")
+        self.delivered_at.add(len(self.queued))
 
 
 worker_ops = st.one_of(
@@ -359,9 +366,11 @@ def test_peers_end_with_what_the_writer_holds_whatever_the_interleaving(
             peer_store.put(
                 f":1:{key}", pickle.dumps(value, cache.pickle_protocol), None, 1000, 3, tags=tags
             )
-        # The sender takes the queue in batches (wherever it woke up) and coalesces each one.
+        # The queue goes out in batches, each coalesced: cut where a writing thread sent it
+        # inline, and where the sender thread woke up (anywhere: hypothesis picks).
         queued = node.queued
-        bounds = [0, *sorted(cut for cut in cuts if cut < len(queued)), len(queued)]
+        inner = {cut for cut in cuts | node.delivered_at if 0 < cut < len(queued)}
+        bounds = [0, *sorted(inner), len(queued)]
         for start, end in itertools.pairwise(bounds):
             peer_store.apply(coalesce(queued[start:end], set()))
         writer = dict(cache._store.cache)

@@ -326,6 +326,7 @@ INVALID: list[tuple[str, object]] = [
     ("DEGRADED_TIMEOUT", -1),
     ("DEGRADED_TIMEOUT", math.inf),
     ("DEGRADED_TIMEOUT", "forever"),
+    ("DRAIN_ON_READ", "usually"),
     ("ORM", "sometimes"),
     ("ORM_INCLUDE", "shop.models.Product"),
     ("ORM_INCLUDE", [1]),
