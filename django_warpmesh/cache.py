@@ -382,6 +382,10 @@ mesh_node.set_node_factory(_build_node, _existing_stores)
 mesh_node.on_fork_in_child(_reset_after_fork)
 
 
+# Called unbound, without super(): a read's own cost is what the mesh must not add to.
+_locmem_get = LocMemCache.get
+
+
 class MeshCache(LocMemCache):
     """A ``LocMemCache`` whose mutations invalidate the same cache in every peer process."""
 
@@ -445,14 +449,14 @@ class MeshCache(LocMemCache):
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         mesh_node.drain_before_read()
-        return super().get(key, default, version)
+        return _locmem_get(self, key, default, version)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         mesh_node.drain_before_read()
         found = {}
         missing = self._missing_key
         for key in keys:
-            value = LocMemCache.get(self, key, missing, version)
+            value = _locmem_get(self, key, missing, version)
             if value is not missing:
                 found[key] = value
         return found

@@ -65,6 +65,9 @@ LOG_EVERY = 60.0
 # Failed discovery syncs in a row after which the node counts as degraded (entries capped): a
 # peer that joined meanwhile cannot be found, and one failure may be a blip.
 DISCOVERY_FAILURES_DEGRADED = 2
+# How many times a writing thread sends what other threads queued while it was sending, before
+# it leaves the rest to the sender thread (a steady stream from other threads must not keep it).
+DELIVER_ROUNDS = 4
 # How much longer than its linger stop() waits for the sender to finish before closing the socket.
 SENDER_GRACE = 1.0
 # Longest wait between two discovery attempts while they fail (they back off from the interval).
@@ -536,18 +539,22 @@ class MeshNode:
         never waits for another. Sending here saves the hand-off to the sender thread, which on
         a busy worker waits for the GIL (up to ``sys.getswitchinterval()``, 5 ms).
         """
-        if not self._queue:
-            return
-        if self._holding() or not self._send_lock.acquire(blocking=False):
-            self._wake.set()
-            return
-        try:
-            self._send_queued()
-        except Exception:
-            logger.exception("mesh: send error (continuing)")
-        finally:
-            self._send_lock.release()
-        if self._queue:  # queued while we sent, by a thread that found the lock taken
+        for _ in range(DELIVER_ROUNDS):
+            if not self._queue:
+                return
+            if self._holding():
+                break
+            if not self._send_lock.acquire(blocking=False):
+                # Another thread is sending: it looks at the queue again once it is done.
+                return
+            try:
+                self._send_queued()
+            except Exception:
+                logger.exception("mesh: send error (continuing)")
+            finally:
+                self._send_lock.release()
+            # Ops queued meanwhile by threads that found the lock taken: ours to send.
+        if self._queue:
             self._wake.set()
 
     # -- peers ------------------------------------------------------------------------------
@@ -708,6 +715,12 @@ class MeshNode:
                 return
             queue, self._queue = self._queue, []
             overflowed, self._overflowed = self._overflowed, set()
+        if len(queue) == 1 and not overflowed:
+            op = _single_op(*queue[0])
+            if op is not None:
+                # The common case of a write sent at once: nothing to merge or to split.
+                self._send_invalidate([op])
+                return
         self._send_invalidations(queue, overflowed)
 
     def _send_invalidations(
@@ -1433,6 +1446,21 @@ class _Limited:
     repeats: int = 0
     message: str = ""
     args: tuple[object, ...] = ()
+
+
+# A single op sent as it is, unsplit, when it names at most this many keys or tags.
+SINGLE_OP_MAX_ITEMS = 64
+
+
+def _single_op(alias: str, code: OpCode, arg: Any) -> Op | None:
+    """One queued op as ``coalesce`` would send it; None when it needs more (a large list)."""
+    if code is OpCode.DELETE_UNLESS:
+        key, stored = arg
+        return Op(alias, code, [[key, protocol.digest(stored)]])
+    if code is OpCode.DELETE or code is OpCode.TAGS:
+        items = list(dict.fromkeys(arg))
+        return Op(alias, code, items) if len(items) <= SINGLE_OP_MAX_ITEMS else None
+    return Op(alias, code, arg)  # CLEAR, PATTERN
 
 
 def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> list[Op]:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from django_warpmesh import cache as mesh_cache
 from django_warpmesh import node as mesh_node
 from django_warpmesh.cache import MeshCache
-from django_warpmesh.node import coalesce
+from django_warpmesh.node import SINGLE_OP_MAX_ITEMS, _single_op, coalesce
 from django_warpmesh.protocol import Op, OpCode, digest
 
 
@@ -386,3 +386,25 @@ def test_peers_end_with_what_the_writer_holds_whatever_the_interleaving(
             mesh_cache._stores.pop(store_name, None)
             for shared in ("_caches", "_expire_info", "_locks"):
                 vars(locmem)[shared].pop(store_name, None)
+
+
+@given(
+    code=st.sampled_from(list(OpCode)),
+    keys=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=80),
+    value=st.binary(max_size=64),
+)
+def test_a_single_op_is_sent_as_coalescing_would_send_it(
+    code: OpCode, keys: list[str], value: bytes
+) -> None:
+    arg: Any = {
+        OpCode.DELETE: keys,
+        OpCode.TAGS: keys,
+        OpCode.DELETE_UNLESS: (keys[0], value),
+        OpCode.PATTERN: keys[0],
+        OpCode.CLEAR: None,
+    }[code]
+    single = _single_op("c", code, arg)
+    if single is None:  # a long list: split like any batch
+        assert len(set(keys)) > SINGLE_OP_MAX_ITEMS
+        return
+    assert [single] == coalesce([("c", code, arg)], set())
