@@ -43,7 +43,7 @@ def install() -> bool:
     handle_batch, track_invalidate = MeshNode._handle_batch, MeshNode._track_invalidate
 
     def timed_send_pending(self: MeshNode) -> None:
-        if self._queue:
+        if self.queued:
             _stamps["wake"].append(time.monotonic_ns())
         send_pending(self)
 

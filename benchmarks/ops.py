@@ -96,7 +96,7 @@ def _drain_sender(within: float = 1.0) -> None:
     if not isinstance(node, mesh_node.MeshNode):
         return
     deadline, sent = time.monotonic() + within, -1
-    while time.monotonic() < deadline and (node._queue or node.counters.keys_sent != sent):
+    while time.monotonic() < deadline and (node.queued or node.counters.keys_sent != sent):
         sent = node.counters.keys_sent
         time.sleep(0.002)
 
