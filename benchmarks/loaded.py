@@ -695,11 +695,8 @@ TARGET_SLICE_US = 200
 
 
 def _stage_table(section: Section, results: dict[tuple[int, int, str], Result]) -> None:
-    rows = [
-        (key, result)
-        for key, result in sorted(results.items())
-        if key[2].startswith("mesh") and result.stages
-    ]
+    mesh = [(key, result) for key, result in sorted(results.items()) if key[2].startswith("mesh")]
+    rows = [(key, result) for key, result in mesh if result.stages]
     if not rows:
         return
     table = Table(
@@ -723,12 +720,29 @@ def _stage_table(section: Section, results: dict[tuple[int, int, str], Result]) 
         "that drains) starts handling it. Each stage's percentiles are its own: they need not "
         "add up to the window's."
     )
-    unaligned = sum(result.unaligned for _, result in rows)
+    unaligned = [
+        f"{LABELS[system]}, {size} processes, {_slice(slice_us)} slices: {result.unaligned}"
+        for (size, slice_us, system), result in mesh
+        if result.unaligned
+    ]
     if unaligned:
         table.notes.append(
-            f"{unaligned} block(s) left out: their frames did not come one per round."
+            "Blocks not cut in stages, their timestamps not one per round on every process "
+            "(a round not seen within its second, say): " + "; ".join(unaligned) + "."
         )
     section.tables.append(table)
+
+
+STAGE_CAUSES = {
+    "write → frame sent": "the frame waits on the writer for a thread to send it, the sender "
+    "thread getting the GIL from the busy main thread (up to a switch interval per acquisition)",
+    "frame sent → taken in by the receiver": "nng and TCP, then a thread of the receiver taking "
+    "the frame in, either the receiver thread once it gets the GIL from the busy main thread (up "
+    "to a switch interval per acquisition) or a read that drains the socket, with nng's own "
+    "threads sharing the cores with the busy main threads",
+    "taken in → key gone": "verifying, decoding and applying the frame",
+    "key gone → first fresh read": "the next read, at the end of the slice under way",
+}
 
 
 def _limit(results: dict[tuple[int, int, str], Result], p99: bool) -> str:
@@ -748,22 +762,27 @@ def _limit(results: dict[tuple[int, int, str], Result], p99: bool) -> str:
         for system, result in at.items()
         if system != "mesh"
     )
+    text = (
+        f"the window's {name} is {fmt_us(window)} ({ratio(window, switch):.1f} GIL switch "
+        f"intervals of {fmt_us(switch)}); "
+    )
     if mesh.stages:
-        path = "; ".join(
-            f"{stage} {fmt_us(percentile(mesh.stages[stage], point))}" for stage in STAGES
-        )
-        where = f"stage by stage ({name} of each): {path}"
+        spans = {stage: percentile(mesh.stages[stage], point) for stage in STAGES}
+        # The stages that make the window: a quarter of the stages' sum or more each.
+        total = sum(spans.values())
+        large = sorted((s for s in spans if spans[s] >= total / 4), key=lambda s: -spans[s])
+        path = "; ".join(f"{stage} {fmt_us(span)}" for stage, span in spans.items())
+        causes = "; ".join(f"{stage}, {STAGE_CAUSES[stage]}" for stage in large)
+        text += f"stage by stage ({name} of each): {path}. Where it goes: {causes}"
     else:
         gone = percentile(mesh.delivered, point)
-        where = f"the key left the receiver's store {name} {fmt_us(gone)} after the write"
-    return (
-        f"waiting for the GIL: the window is {fmt_us(window)} ({ratio(window, switch):.1f} "
-        f"switch intervals of {fmt_us(switch)}); {where}. A thread that carries the "
-        "invalidation (the writer's sender thread, the receiver's thread) waits for the GIL "
-        "the busy main thread holds, up to a switch interval at each acquisition; the "
-        "baselines' one listener thread waits once. In the same run, "
-        f"{name}: {others}"
-    )
+        text += (
+            f"the key left the receiver's store {name} {fmt_us(gone)} after the write: the "
+            "threads that carry the invalidation (the writer's sender thread, the receiver's "
+            "thread) must get the GIL the busy main thread holds, up to a switch interval at "
+            "each acquisition"
+        )
+    return f"{text}. In the same run, {name}: {others}"
 
 
 def _targets(section: Section, results: dict[tuple[int, int, str], Result]) -> None:
