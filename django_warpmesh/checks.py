@@ -7,6 +7,7 @@ it was not, the cache itself says at its first use that it caches locally only, 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 import sys
@@ -148,6 +149,7 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     messages: list[CheckMessage] = []
     messages += _check_peer_source(config, installed, mesh_caches)
     messages += _check_secret(config)
+    messages += _check_clear_text(config)
     messages += _check_prefork(config, os.environ)
     messages += _check_uwsgi_threads()
     return messages
@@ -254,6 +256,35 @@ def _check_secret(config: MeshSettings) -> list[CheckMessage]:
             "every instance, or a production SECRET_KEY.",
         )
     ]
+
+
+def _check_clear_text(config: MeshSettings) -> list[CheckMessage]:
+    from django.conf import settings
+
+    if settings.DEBUG or config.tls is not None or config.secret is not None:
+        return []
+    if _is_loopback(config.bind):
+        return []
+    return [
+        Warning(
+            f"The mesh listens on {config.bind} without TLS, and its frames are signed with a "
+            "key derived from SECRET_KEY. Cache keys travel in clear text to every address in "
+            "the peer table (which anyone with write access to it can add), and that key is as "
+            "safe as SECRET_KEY, which other services or old copies of the settings may share.",
+            id="warpmesh.W007",
+            hint="Set WARPMESH['TLS'] (mutual TLS between peers) and a dedicated "
+            "WARPMESH['SECRET'], or BIND to a private interface.",
+        )
+    ]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_prefork(config: MeshSettings, environ: Mapping[str, str]) -> list[CheckMessage]:

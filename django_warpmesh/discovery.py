@@ -8,6 +8,8 @@ older than ``STALE_AFTER``, and return the addresses of the rest. Times are the 
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -27,6 +29,22 @@ if TYPE_CHECKING:
     from django_warpmesh.node import MeshNode
 
 logger = logging.getLogger("django_warpmesh")
+
+
+# Rows read at most: anyone who can write the table must not make every node dial without end.
+MAX_PEER_ROWS = 1024
+# How far in the future (by the database's clock) a row's last_seen may be: clock steps only.
+FUTURE_TOLERANCE = 60.0
+
+
+def dialable_address(address: object) -> tuple[str, int]:
+    """``host:port`` a node may dial: valid, and not an address no peer can listen on."""
+    host, port = parse_address("peer table", address)
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host)
+        if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+            raise ImproperlyConfigured(f"{address!r} is not an address a peer listens on")
+    return host, port
 
 
 class Registrant(Protocol):
@@ -126,26 +144,46 @@ class DatabaseRegistry:
     def _remove_stale(self, node: Registrant) -> None:
         from django_warpmesh.models import Peer
 
-        cutoff = Now() - timedelta(seconds=self.config.stale_after)
-        stale = Peer.objects.using(self.alias).filter(last_seen__lt=cutoff)
-        for node_id, address in stale.exclude(node_id=node.hex_id).values_list(
-            "node_id", "address"
-        ):
+        rows = Peer.objects.using(self.alias).exclude(node_id=node.hex_id)
+        stale = rows.filter(last_seen__lt=Now() - timedelta(seconds=self.config.stale_after))
+        for node_id, address in stale.values_list("node_id", "address"):
             logger.info("mesh: removing stale peer %s (%s) from the peer table", node_id, address)
-        stale.exclude(node_id=node.hex_id).delete()
+        stale.delete()
+        # Every row's last_seen is the database's own Now(): one from the future was not written
+        # by a node, and would never go stale. Removed, as a stale one.
+        future = rows.filter(last_seen__gt=Now() + timedelta(seconds=FUTURE_TOLERANCE))
+        for node_id, address in future.values_list("node_id", "address"):
+            self._warn_once(
+                f"future:{node_id}",
+                "mesh: removing peer row %s (%s): its last_seen is in the future",
+                node_id,
+                address,
+            )
+        future.delete()
 
     def _read(self, node: MeshNode) -> list[str]:
         from django_warpmesh.models import Peer
 
-        rows = (
-            Peer.objects.using(self.alias).order_by("-last_seen").values_list("node_id", "address")
+        rows = list(
+            Peer.objects.using(self.alias)
+            .filter(last_seen__lte=Now() + timedelta(seconds=FUTURE_TOLERANCE))
+            .order_by("-last_seen")
+            .values_list("node_id", "address")[: MAX_PEER_ROWS + 1]
         )
+        if len(rows) > MAX_PEER_ROWS:
+            rows = rows[:MAX_PEER_ROWS]
+            self._warn_once(
+                "too-many",
+                "mesh: the peer table has more than %d rows; using the %d most recent",
+                MAX_PEER_ROWS,
+                MAX_PEER_ROWS,
+            )
         addresses: dict[str, str] = {}
         for node_id, address in rows:
             if node_id == node.hex_id:
                 continue
             try:
-                parse_address("peer table", address)
+                dialable_address(address)
             except ImproperlyConfigured:
                 self._warn_once(
                     f"bad:{node_id}:{address}",

@@ -24,7 +24,8 @@ from django_warpmesh.node import LOG_EVERY, MeshNode, Peer
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
 from tests.cluster import cluster, wait_for
 
-PEERS = {"ENABLED": True, "PEERS": ["10.0.0.1:7934", "10.0.0.2:7934"]}
+# Listening on loopback only: the clear-text warning (W007) is tested on its own.
+PEERS = {"ENABLED": True, "PEERS": ["10.0.0.1:7934", "10.0.0.2:7934"], "BIND": "127.0.0.1"}
 PREFORK_VARIABLES = (
     "WEB_CONCURRENCY",
     "UWSGI_PROCESSES",
@@ -106,7 +107,7 @@ def test_w001_peer_table_unreachable(settings: Any, monkeypatch: pytest.MonkeyPa
 
 
 def test_e003_no_peers_and_the_app_not_installed(settings: Any) -> None:
-    settings.WARPMESH = {"ENABLED": True}
+    settings.WARPMESH = {"ENABLED": True, "BIND": "127.0.0.1"}
     settings.INSTALLED_APPS = WITHOUT_APP
     (error,) = deployment()
     assert error.id == "warpmesh.E003"
@@ -118,7 +119,7 @@ def test_e003_no_peers_and_the_app_not_installed(settings: Any) -> None:
 
 
 def test_e003_peer_table_database_unknown(settings: Any) -> None:
-    settings.WARPMESH = {"ENABLED": True, "DATABASE": "nowhere"}
+    settings.WARPMESH = {"ENABLED": True, "DATABASE": "nowhere", "BIND": "127.0.0.1"}
     (error,) = deployment()
     assert error.id == "warpmesh.E003"
     assert "WARPMESH['DATABASE'] names the database 'nowhere', which is not in DATABASES" in (
@@ -131,7 +132,7 @@ def test_e003_peer_table_database_not_configured(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(connections.settings, "peers", {"ENGINE": "django.db.backends.dummy"})
-    settings.WARPMESH = {"ENABLED": True, "DATABASE": "peers"}
+    settings.WARPMESH = {"ENABLED": True, "DATABASE": "peers", "BIND": "127.0.0.1"}
     (error,) = deployment()
     assert error.id == "warpmesh.E003"
     assert "not configured" in error.msg
@@ -452,3 +453,27 @@ def test_the_probe_passes_whatever_use_tz(settings: Any, use_tz: bool) -> None:
     settings.WARPMESH = {"ENABLED": True}
     settings.USE_TZ = use_tz
     assert checks.check_settings(None) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "debug", "warned"),
+    [
+        ({"BIND": "0.0.0.0"}, False, True),
+        ({"BIND": "10.0.0.5"}, False, True),
+        ({"BIND": "127.0.0.1"}, False, False),
+        ({"BIND": "::1"}, False, False),
+        ({"BIND": "0.0.0.0", "SECRET": "a-dedicated-mesh-secret-0123456789"}, False, False),
+        ({"BIND": "0.0.0.0"}, True, False),
+    ],
+)
+def test_w007_clear_text_with_a_key_from_secret_key(
+    settings: Any, overrides: dict[str, Any], debug: bool, warned: bool
+) -> None:
+    settings.DEBUG = debug
+    settings.SECRET_KEY = "a-production-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
+    settings.WARPMESH = {**PEERS, **overrides}
+    messages = [m for m in deployment() if m.id == "warpmesh.W007"]
+    assert bool(messages) is warned
+    if warned:
+        assert "clear text" in messages[0].msg
+        assert settings.SECRET_KEY not in messages[0].msg

@@ -6,6 +6,7 @@ Runs in both passes of ``scripts/test``: on SQLite (a file every process opens) 
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -270,3 +271,65 @@ def test_a_missing_peer_table_opens_no_start_up_window(empty_db: dict[str, str])
         wait_for(lambda: alone.request("discovery_failures") == 0, 5, message="discovery at once")
         assert row_addresses(alone) == {alone.address}
         assert alone.stats()["discovery_error"] is None
+
+
+def test_a_row_from_the_future_is_removed_not_dialled(db_env: dict[str, str]) -> None:
+    (closed,) = free_ports(1)
+    with cluster(2, discovery=True, env=db_env, **TIMING) as mesh:
+        mesh.wait_connected()
+        first, second = mesh.procs
+        run_sql(
+            db_env,
+            "INSERT INTO django_warpmesh_peer "
+            "(node_id, address, host, pid, caches, version, started_at, last_seen) "
+            f"VALUES ('future', '127.0.0.1:{closed}', 'h', 1, '[]', '0', "
+            "CURRENT_TIMESTAMP, '2099-01-01 00:00:00')",
+        )
+        wait_for(
+            lambda: "future" not in {row["node_id"] for row in first.request("peer_rows")},
+            10,
+            message="the row from the future to be removed",
+        )
+        assert "its last_seen is in the future" in first.request("logged") + second.request(
+            "logged"
+        )
+        for proc in mesh.procs:
+            stats = proc.stats()
+            assert f"127.0.0.1:{closed}" not in {peer["address"] for peer in stats["peers"]}
+            assert not stats["degraded"]
+
+
+@pytest.mark.django_db
+def test_the_rows_read_are_capped_and_checked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.utils import timezone
+
+    from django_warpmesh import discovery
+    from django_warpmesh.conf import parse
+    from django_warpmesh.models import Peer
+
+    now = timezone.now()
+    newest = now + datetime.timedelta(seconds=1)  # read first
+    rows = [("0.0.0.0:7934", "any"), ("224.0.0.1:7934", "multicast"), ("10.0.0.1:0", "port0")]
+    for address, node_id in rows:
+        Peer.objects.create(
+            node_id=node_id, address=address, host="h", pid=1, version="0",
+            started_at=now, last_seen=newest,
+        )  # fmt: skip
+    for i in range(5):
+        Peer.objects.create(
+            node_id=f"ok{i}", address=f"10.0.1.{i}:7934", host="h", pid=1, version="0",
+            started_at=now, last_seen=now - datetime.timedelta(seconds=i),
+        )  # fmt: skip
+    monkeypatch.setattr(discovery, "MAX_PEER_ROWS", 6)
+
+    class Node:
+        hex_id, address, observer = "me", "10.0.9.9:7934", True
+
+    registry = discovery.DatabaseRegistry(parse({"ENABLED": True}))
+    with caplog.at_level("WARNING", logger="django_warpmesh"):
+        found = registry._read(Node())  # type: ignore[arg-type]
+    # The 6 most recent rows: the unspecified, multicast and port-0 addresses are never dialled.
+    assert sorted(found) == ["10.0.1.0:7934", "10.0.1.1:7934", "10.0.1.2:7934"]
+    assert "more than 6 rows" in caplog.text

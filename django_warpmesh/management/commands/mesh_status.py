@@ -30,7 +30,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from django_warpmesh import node as mesh_node
-from django_warpmesh.conf import MeshSettings, parse, parse_address
+from django_warpmesh.conf import MeshSettings, parse
 
 SCHEMA = 1
 HEALTHY, DEGRADED, DISABLED = 0, 1, 2
@@ -324,7 +324,7 @@ def find_targets(config: MeshSettings) -> Census:
         )
     from django.db.models.functions import Now
 
-    from django_warpmesh.discovery import database_alias
+    from django_warpmesh.discovery import database_alias, dialable_address
     from django_warpmesh.models import Peer
 
     alias = database_alias(config)
@@ -350,7 +350,7 @@ def find_targets(config: MeshSettings) -> Census:
     for row in rows:
         address = row["address"]
         try:
-            parse_address("peer table", address)
+            dialable_address(address)
         except ImproperlyConfigured:
             continue  # The nodes skip it too (and log it).
         if address in seen:
