@@ -47,6 +47,11 @@ from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
 
 logger = logging.getLogger("django_warpmesh")
 
+# What the receive path compares each frame's verdicts with, as plain globals: an enum member
+# costs more to look up, once per frame.
+_RESTARTED, _REPLAYED = Epoch.RESTARTED, Epoch.REPLAYED
+_NEXT, _MISSED, _GAP, _DUPLICATE = Seq.NEXT, Seq.MISSED, Seq.GAP, Seq.DUPLICATE
+
 # Receiver: how many frames to take off the socket before applying them in one go.
 RECV_BATCH = 512
 # The receiver's tick (gap grace, liveness, readiness): how long it waits for a frame before
@@ -753,13 +758,17 @@ class MeshNode:
                 # An authenticated peer speaking for another node on its own pipe.
                 self._reject("foreign_origin")
                 return False
-            peer = table.get_or_add(origin)
-        epoch = table.enter_epoch(peer, frame.epoch)
-        if epoch is Epoch.REPLAYED:
-            self._reject("replayed")
-            return False
-        # A new epoch of a peer that had sent: it restarted. What it sent before we cannot know.
-        flush = epoch is Epoch.RESTARTED
+            peer = table.peers.get(origin)
+            if peer is None:
+                peer = table.add(origin)
+        flush = False
+        if frame.epoch != peer.epoch:
+            epoch = table.enter_epoch(peer, frame.epoch)
+            if epoch is _REPLAYED:
+                self._reject("replayed")
+                return False
+            # A new epoch of a peer that had sent: it restarted. What it sent before is unknown.
+            flush = epoch is _RESTARTED
         kind = frame.kind
         if not table.is_fresh(peer, frame):
             # A copy of a frame already seen (another pipe, or a replay by someone who captured
@@ -777,8 +786,9 @@ class MeshNode:
         if kind is Kind.INVALIDATE:
             flush |= self._track_invalidate(peer, frame.seq, now, by_alias, frame.body)
         else:
-            verdict = table.track_seq(peer, frame.seq, now, ready=self.ready)
-            flush |= verdict is Seq.MISSED or (verdict is Seq.GAP and self._gap(peer))
+            verdict = table.track_seq(peer, frame.seq, self.ready, now)
+            if verdict is not _NEXT:
+                flush |= verdict is _MISSED or (verdict is _GAP and self._gap(peer))
             if kind is Kind.HEARTBEAT:
                 self._on_heartbeat(peer, frame.body, was_alive)
             elif kind is Kind.BYE:
@@ -799,11 +809,13 @@ class MeshNode:
         by_alias: dict[str, list[Op]],
         ops: list[Op],
     ) -> bool:
-        verdict = self._table.track_invalidate(peer, seq, now, ready=self.ready)
-        if verdict is Seq.DUPLICATE:
-            self.counters.duplicates += 1
-            return False
-        flush = verdict is Seq.MISSED or (verdict is Seq.GAP and self._gap(peer))
+        verdict = self._table.track_invalidate(peer, seq, self.ready, now)
+        flush = False
+        if verdict is not _NEXT:
+            if verdict is _DUPLICATE:
+                self.counters.duplicates += 1
+                return False
+            flush = verdict is _MISSED or (verdict is _GAP and self._gap(peer))
         self.counters.invalidations_received += len(ops)
         peer.invalidations_received += len(ops)
         for op in ops:

@@ -81,6 +81,10 @@ class Seq(enum.Enum):
     DUPLICATE = "duplicate"  # seen already: drop
 
 
+# The verdict of nearly every frame, as a plain global: an enum member costs more to look up.
+_NEXT = Seq.NEXT
+
+
 class PeerTable:
     """Every peer heard from (at most ``max_peers``), by node id.
 
@@ -158,9 +162,7 @@ class PeerTable:
         """It said goodbye: not alive, and not lost either."""
         peer.alive = False
 
-    def track_invalidate(
-        self, peer: Peer, seq: int, now: float | None = None, *, ready: bool
-    ) -> Seq:
+    def track_invalidate(self, peer: Peer, seq: int, ready: bool, now: float | None = None) -> Seq:
         """An INVALIDATE frame numbered ``seq`` (invalidation frames count from 1)."""
         highest = peer.highest
         if highest is None:
@@ -168,7 +170,7 @@ class PeerTable:
             return Seq.MISSED if _first_contact_missed(seq - 1, ready) else Seq.NEXT
         if seq == highest + 1:
             peer.highest = seq
-            return Seq.NEXT
+            return _NEXT
         if seq > highest:
             verdict = self._note_missing(peer, highest + 1, seq, now)
             peer.highest = seq
@@ -177,7 +179,7 @@ class PeerTable:
             return Seq.DUPLICATE
         return Seq.LATE
 
-    def track_seq(self, peer: Peer, seq: int, now: float | None = None, *, ready: bool) -> Seq:
+    def track_seq(self, peer: Peer, seq: int, ready: bool, now: float | None = None) -> Seq:
         """Any other frame: it carries the sender's latest ``seq`` without using one."""
         highest = peer.highest
         if highest is None:
@@ -186,7 +188,7 @@ class PeerTable:
         if seq > highest:
             peer.highest = seq
             return self._note_missing(peer, highest + 1, seq + 1, now)
-        return Seq.NEXT
+        return _NEXT
 
     def _note_missing(self, peer: Peer, first: int, end: int, now: float | None) -> Seq:
         if end - first + len(peer.missing) > MAX_MISSING:
