@@ -73,8 +73,8 @@ of the fleet over a window in which nothing is written.
 
 # What a message costs on the mesh's path beyond the socket, named in the limits of the targets.
 MESH_WORK = (
-    "the mesh's Python work per message (waking the sender thread, coalescing, msgpack and "
-    "HMAC-SHA256 on both ends, sequence checks)"
+    "the mesh's Python work per message (building the op, msgpack and HMAC-SHA256 on both ends, "
+    "sequence checks)"
 )
 
 
@@ -410,10 +410,9 @@ def _report_latency(section: Section, compared: dict[int, dict[str, Rounds]]) ->
 
 
 STAGE_WORK = {
-    "write → sender awake": "`cache.set` on the writing thread (pickle, local store, queueing), "
-    "then the sender thread's wake-up",
-    "sender awake → send": "taking the queue, coalescing, splitting into frames",
-    "send → receiver has the frame": "msgpack and HMAC, nng and TCP on loopback, the receiver "
+    "write → send": "`cache.set` on the writing thread (pickle, local store, queueing), then "
+    "the same thread taking the queue and building the op: no other thread on this side",
+    "send → receiver has the frame": "msgpack and HMAC, nng and TCP on loopback, the receiving "
     "thread's wake-up: the part raw nng also has",
     "receiver has the frame → checked": "verifying the HMAC, decoding, sequence and liveness "
     "checks",
