@@ -37,7 +37,8 @@ ISOLATED_OPS = ("get hit", "set", "delete")
 INTRO = """
 Two worker processes: one whose mesh is on (a real node, started, alone: its only listed peer is
 itself, so every write is signed and sent by the writing thread exactly as in a fleet, and
-every read first checks the socket for waiting invalidations), one with `ENABLED` false. Each times every backend it has in the same interpreter,
+every read first checks the socket for waiting invalidations), one with `ENABLED` false. Each
+times every backend it has in the same interpreter,
 timeit-style: a loop calibrated to run at least a few tens of milliseconds, garbage collector
 off, the cost of an empty loop subtracted, repeated with the backends interleaved loop by loop
 in a random order (so a slow moment of the host hits all alike). Reported: the best of several
