@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import time
@@ -15,6 +16,14 @@ from benchmarks.procs import Worker, mesh_fleet
 ALIAS = "bulk"
 RECEIVERS = 4
 SETTLE_S = 10.0  # how long receivers may take to apply everything, or to notice a loss
+FLOOD_S = 8.0  # how long each junk flood lasts
+FLOOD_RSS_TARGET = 64 * 2**20
+# The floods: the issue's (four nng clients spraying 1 MiB frames), and the worst one found:
+# raw TCP clients with frames just under the receive limit, connecting again at once.
+FLOODS = {
+    "4 nng clients, 1 MiB frames (the issue's)": (("nng",) * 4, (1 << 20,)),
+    "4 raw TCP clients, 4 KiB frames, never reading": (("raw",) * 4, (4096,)),
+}
 REPEATS = 3  # runs of each scenario in a full run; the one with the median rate is shown
 
 INTRO = """
@@ -43,6 +52,16 @@ bulk apply rate).
   and nng alone can take in on this host; the mesh's verifying, checking and applying come on top.
 - **free-running writer**: `cache.delete()` in a tight loop; the sender coalesces what queued up.
 - **one delete_many**: every key in one call: the largest frames the sender makes.
+
+**Junk flood** (issue 14: what strangers can make a node hold before a frame is verified): the
+same fleet, while clients without the key flood one receiver's mesh port on 127.0.0.1 for
+`FLOOD_S` seconds, from threads of the benchmark's own process (`tests/junk.py`): nng `Bus0`
+clients sending random frames as fast as they can, and raw TCP clients that do nng's handshake,
+write length-prefixed random frames and never read what the node sends them, each connecting
+again at once when hung up on. Meanwhile the writer invalidates a key the attacked receiver holds,
+one round after the other, each given 5 s to be gone there (applied, or flushed on a detected
+gap). RSS: the attacked process's VmRSS (`/proc/<pid>/status`), sampled every 10 ms, its peak
+less its value just before the flood. Rerun alone: `python -m benchmarks.throughput --junk`.
 """
 
 SCENARIOS = {
@@ -112,6 +131,19 @@ def receiver_state() -> dict[str, Any]:
                 "flushes",
             )
         },
+    }
+
+
+def junk_state() -> dict[str, Any]:
+    """What the attacked receiver counted of a junk flood, and what it made of its peers."""
+    counters = _counters()
+    return {
+        "frames_rejected": counters.frames_rejected,
+        "dropped_unread": counters.rejected_by_reason.get("dropped_connection", 0),
+        "pipes_dropped": counters.pipes_dropped,
+        "gaps_detected": counters.gaps_detected,
+        "flushes": counters.flushes,
+        "peers_lost": counters.peers_lost,
     }
 
 
@@ -440,6 +472,142 @@ def _scenario(
     return Outcome(mode, count, sent, [_delta(a, b) for a, b in zip(after, before, strict=True)])
 
 
+@dataclasses.dataclass
+class FloodOutcome:
+    name: str
+    clients: int
+    sent: int
+    connections: int
+    rss_before: int
+    grown: int
+    rounds: list[float]  # seconds until the key was gone (math.inf: not within 5 s)
+    counted: dict[str, int]  # junk_state() deltas on the attacked receiver
+    after_s: float  # the round after the flood
+
+
+def _peak_rss(pid: int, stop: Any, peak: list[int]) -> None:
+    from tests.junk import rss_of
+
+    while not stop.wait(0.01):
+        peak[0] = max(peak[0], rss_of(pid))
+
+
+def _invalidation_round(writer: Worker, victim: Worker, key: str, within: float = 5.0) -> float:
+    """The writer deletes a key the victim holds: seconds until it is gone there (inf if not)."""
+    victim.call("throughput:prepare", prefix=key, count=1)
+    started = time.monotonic()
+    writer.call("throughput:write", mode="paced", prefix=key, count=1)
+    left = victim.call("throughput:wait_drained", timeout=within + 30, within=within)["left"]
+    return time.monotonic() - started if left == 0 else math.inf
+
+
+def junk_flood(writer: Worker, victim: Worker, address: str, seconds: float) -> list[FloodOutcome]:
+    import threading
+
+    from tests.junk import flood, rss_of
+
+    outcomes = []
+    for name, (kinds, sizes) in FLOODS.items():
+        print(f"  junk flood: {name}, {seconds:g} s")
+        for i in range(5):  # what normal traffic allocates, before the baseline
+            _invalidation_round(writer, victim, f"warm-{i}-")
+        before_state = victim.call("throughput:junk_state")
+        rss_before = rss_of(victim.pid)
+        peak = [rss_before]
+        stop = threading.Event()
+        sampler = threading.Thread(target=_peak_rss, args=(victim.pid, stop, peak), daemon=True)
+        sampler.start()
+        rounds: list[float] = []
+        try:
+            with flood(address, kinds=kinds, sizes=sizes, seconds=seconds + 10) as junk:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    rounds.append(_invalidation_round(writer, victim, f"junk-{len(rounds)}-"))
+        finally:
+            stop.set()
+            sampler.join(5)
+        after = _invalidation_round(writer, victim, "after-")
+        state = victim.call("throughput:junk_state")
+        outcomes.append(
+            FloodOutcome(
+                name,
+                len(kinds),
+                sum(junk.sent),
+                sum(junk.connections),
+                rss_before,
+                peak[0] - rss_before,
+                rounds,
+                {key: state[key] - before_state[key] for key in state},
+                after,
+            )
+        )
+    return outcomes
+
+
+def _report_flood(section: Section, outcomes: list[FloodOutcome], seconds: float) -> None:
+    from benchmarks.common import fmt_mb
+
+    table = Table(
+        f"Junk flood: clients without the key, {seconds:g} s, against one receiver",
+        [
+            "flood",
+            "junk frames sent",
+            "connections made",
+            "RSS before",
+            "RSS growth (peak)",
+            "frames rejected / of them dropped unread",
+            "connections hung up on",
+            "invalidations during: gone within 5 s (p50)",
+            "gaps / flushes / peer lost",
+            "after: gone in",
+        ],
+    )
+    for o in outcomes:
+        gone = sorted(t for t in o.rounds if t != math.inf)
+        table.add(
+            o.name,
+            f"{o.sent:,}",
+            f"{o.connections:,}",
+            fmt_mb(o.rss_before),
+            fmt_mb(o.grown),
+            f"{o.counted['frames_rejected']:,} / {o.counted['dropped_unread']:,}",
+            f"{o.counted['pipes_dropped']:,}",
+            f"{len(gone)}/{len(o.rounds)} ({fmt_s(median(gone))})",
+            f"{o.counted['gaps_detected']} / {o.counted['flushes']} / {o.counted['peers_lost']}",
+            fmt_s(o.after_s),
+        )
+    table.notes.append(
+        "An invalidation is gone when the attacked receiver no longer holds the key: applied, or "
+        "flushed with the rest after a detected gap (while its receive queue is full, nng drops "
+        "a real peer's frames too). Frames dropped unread: queued by a connection already hung "
+        "up on. Before this bound (`BUFFER_SIZE` 8192 frames of up to `MAX_FRAME_BYTES` 1 MiB), "
+        "the issue's flood grew the RSS by 1.4 GB."
+    )
+    section.tables.append(table)
+    worst = max((o.grown for o in outcomes), default=0)
+    every = all(o.rounds and all(t != math.inf for t in o.rounds) for o in outcomes)
+    section.targets.append(
+        Target(
+            "junk flood: RSS growth < 64 MB, and the node keeps hearing its real peers",
+            ", ".join(
+                f"{o.name}: +{fmt_mb(o.grown)}, "
+                f"{sum(t != math.inf for t in o.rounds)}/{len(o.rounds)} invalidations gone "
+                "within 5 s"
+                for o in outcomes
+            ),
+            (worst < FLOOD_RSS_TARGET and every) if outcomes else None,
+            "nng's threads read everything the clients send; while the receive queue is full, a "
+            "real peer's frames are dropped too (gaps, flushes)",
+        )
+    )
+
+
+def fmt_s(seconds: float) -> str:
+    if math.isnan(seconds) or math.isinf(seconds):
+        return "n/a"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def run(quick: bool) -> Section:
     counts = (
         {"paced": 2_000, "inject": 20_000, "raw": 20_000, "free": 50_000, "many": 50_000}
@@ -459,8 +627,36 @@ def run(quick: bool) -> Section:
             every += runs
             runs.sort(key=lambda outcome: outcome.receiving("keys_received"))
             shown.append(runs[len(runs) // 2])
+        seconds = FLOOD_S / 2 if quick else FLOOD_S
+        floods = junk_flood(writer, receivers[0], addresses[0], seconds)
     _report(section, shown, every)
+    _report_flood(section, floods, seconds)
     return section
+
+
+def run_junk_flood(quick: bool) -> Section:
+    """The junk flood alone (``python -m benchmarks.throughput --junk``)."""
+    section = Section(3, "Throughput: one writer, 4 receivers", intro=INTRO)
+    seconds = FLOOD_S / 2 if quick else FLOOD_S
+    with mesh_fleet(1 + RECEIVERS) as workers:
+        writer, *receivers = workers
+        addresses = [worker.call("worker:start_node")["address"] for worker in receivers]
+        _report_flood(section, junk_flood(writer, receivers[0], addresses[0], seconds), seconds)
+    return section
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import procs
+
+    try:
+        result = run_junk_flood("--quick" in sys.argv) if "--junk" in sys.argv else run(False)
+    finally:
+        procs.kill_everything()
+    print(result.markdown())
+    for target in result.targets:
+        print(f"{target.status}: {target.text}: {target.result}")
 
 
 def _report(section: Section, outcomes: list[Outcome], every: list[Outcome]) -> None:

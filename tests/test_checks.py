@@ -396,23 +396,27 @@ def test_the_log_lines_of_a_mesh() -> None:
         )
         assert [log_of(proc) for proc in mesh.procs] == quiet
 
-        # Forged frames (another key): counted, and one line per reason per minute.
-        raw = pynng.Bus0(send_buffer_size=128)  # the default (16) would drop some
-        try:
-            raw.dial(f"tcp://{first.address}", block=True)
-            forger = protocol.Codec(b"not the mesh key".ljust(32, b"!"))
-            hello = protocol.heartbeat_body(Heartbeat("", time.monotonic_ns()))
-            frame = forger.encode(Frame(Kind.HEARTBEAT, os.urandom(8), 1, 0, hello))
-            for _ in range(25):
-                raw.send(frame)
-            wait_for(
-                lambda: first.stats()["rejected_by_reason"].get("bad_mac") == 25,
-                5,
-                message="the forged frames to be rejected",
-            )
-        finally:
-            raw.close()
+        # Forged frames (another key) on 5 connections: counted, each connection hung up on,
+        # and one line per reason per minute.
+        forger = protocol.Codec(b"not the mesh key".ljust(32, b"!"))
+        hello = protocol.heartbeat_body(Heartbeat("", time.monotonic_ns()))
+        frame = forger.encode(Frame(Kind.HEARTBEAT, os.urandom(8), 1, 0, hello))
+        for connection in range(1, 6):
+            raw = pynng.Bus0(send_buffer_size=128)  # the default (16) would drop some
+            try:
+                raw.dial(f"tcp://{first.address}", block=True)
+                for _ in range(5):
+                    raw.send(frame)
+                wait_for(
+                    lambda n=connection: first.stats()["pipes_dropped"] == n,
+                    5,
+                    message="the forged frames' connection to be hung up on",
+                )
+            finally:
+                raw.close()
+        assert first.stats()["rejected_by_reason"].get("bad_mac", 0) >= 5
         assert log_of(first).count("mesh: rejected a frame (bad_mac)") == 1
+        assert log_of(first).count("mesh: hung up on a connection from 127.0.0.1:") == 1
 
         second.kill(signal.SIGKILL)
         wait_for(

@@ -62,8 +62,9 @@ def test_defaults() -> None:
     assert parsed.secret is None
     assert parsed.startup_wait is None
     assert parsed.queue_size == 100_000
-    assert parsed.buffer_size == 8192
-    assert parsed.max_frame_bytes == 1024 * 1024
+    # Their product is what strangers can make a node queue before verifying a frame: 16 MiB.
+    assert parsed.buffer_size == 4096
+    assert parsed.max_frame_bytes == 4096
     assert parsed.discovery_interval == 5.0
     assert parsed.stale_after == 30.0
     assert parsed.database is None

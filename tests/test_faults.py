@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.cluster import MeshProcess, cluster, free_ports, wait_for
+from tests.junk import flood, rss_of
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.mesh
@@ -167,13 +170,94 @@ def test_garbage_from_the_network_is_dropped_and_the_node_stays_healthy() -> Non
             )
             for _ in range(20_000):
                 noise.send(os.urandom(int.from_bytes(os.urandom(1), "big") + 1))
-        wait_for(lambda: victim.stats()["frames_rejected"] >= 1000, 10, message="rejections")
+        # Counted, and the connections that sent them hung up on: the first frame of a new
+        # connection that fails verification ends it (the rest of the 20,000 never get queued).
+        wait_for(
+            lambda: victim.stats()["frames_rejected"] >= 1 and victim.stats()["pipes_dropped"] >= 1,
+            10,
+            message="rejections",
+        )
         # Intact and still serving, still in the mesh.
         assert victim.stored("precious")
         assert victim.cache("get", "precious") == 1
         victim.cache("set", "k", "old", None)
         other.cache("set", "k", "new", None)
         wait_for(lambda: not victim.stored("k"), 5, message="real invalidations still apply")
+
+
+# The junk flood: how long it lasts, and what it may make the node hold at most (issue 14).
+FLOOD_SECONDS = 4.0
+RSS_BOUND = 64 * 2**20
+
+
+class PeakRSS:
+    """Samples a process's VmRSS every 10 ms on a thread of its own; stops ``on_excess`` (the
+    flood) if it grows past ``give_up``, so a node without the bound cannot eat the machine."""
+
+    def __init__(self, pid: int, give_up: int, on_excess: threading.Event) -> None:
+        self.pid, self.give_up, self.on_excess = pid, give_up, on_excess
+        self.before = self.peak = rss_of(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_of(self.pid))
+            if self.peak - self.before > self.give_up:
+                self.on_excess.set()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak - self.before
+
+
+def test_a_junk_flood_is_bounded_in_memory_and_the_node_keeps_hearing_its_peer() -> None:
+    """Strangers spraying junk (1 MiB frames, frames just under the receive limit, raw TCP
+    clients that never read) must not make a node hold more than 64 MB more, nor cut it off
+    from its real peer: invalidations cross both ways during the flood and after it."""
+    with cluster(2, HEARTBEAT=HEARTBEAT) as mesh:
+        mesh.wait_connected()
+        victim, other = mesh.procs
+
+        def exchange(key: str, within: float = 5.0) -> bool:
+            """One invalidation each way; whether both arrived within ``within`` seconds."""
+            for here, there in ((victim, other), (other, victim)):
+                here.cache("set", key, "old", None)
+                there.cache("set", key, "new", None)
+                deadline = time.monotonic() + within
+                while here.stored(key):
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.01)
+            return True
+
+        for i in range(20):  # what normal traffic allocates, before the baseline
+            assert exchange(f"warm-{i}")
+        assert victim.address is not None
+        too_much = threading.Event()
+        with flood(victim.address, seconds=FLOOD_SECONDS + 10) as junk:
+            rss = PeakRSS(victim.pid, give_up=8 * RSS_BOUND, on_excess=too_much)
+            deadline = time.monotonic() + FLOOD_SECONDS
+            arrived: list[bool] = []
+            try:
+                while time.monotonic() < deadline and not too_much.is_set():
+                    arrived.append(exchange(f"during-{len(arrived)}"))
+            finally:
+                grown = rss.stop()
+        assert grown < RSS_BOUND, f"RSS grew by {grown / 2**20:.0f} MB under the flood"
+        assert len(arrived) >= 3
+        assert all(arrived), arrived
+        assert sum(junk.sent) > 1000
+        # The node hung up on them, and they came back.
+        assert sum(junk.connections) > len(junk.kinds)
+        stats = victim.stats()
+        assert stats["frames_rejected"] > 0
+        # The connections that sent junk were hung up on, not read to the end.
+        assert stats["pipes_dropped"] >= 1, stats
+        assert exchange("after")
+        assert all(peer["connected"] for peer in victim.stats()["peers"])
 
 
 def test_a_link_kept_by_one_side_is_dialled_again_by_the_other(

@@ -44,8 +44,8 @@ class MeshSettings:
     secret: str | None = dataclasses.field(default=None, repr=False)
     startup_wait: float | None = None
     queue_size: int = 100_000
-    buffer_size: int = 8192
-    max_frame_bytes: int = 1024 * 1024
+    buffer_size: int = 4096
+    max_frame_bytes: int = 4096
     discovery_interval: float = 5.0
     stale_after: float = 30.0
     database: str | None = None

@@ -60,9 +60,23 @@ TICK_FAST_MS = 50
 TICK_IDLE_MS = 250
 # Tags of recently accepted frames remembered, to drop the copy from the second pipe cheaply.
 RECENT_TAGS = 8192
-# Largest body of one frame the sender builds (less when MAX_FRAME_BYTES is smaller): small
-# frames keep one slow peer's share of the socket buffer small.
+# Largest body of one frame the sender builds (less when MAX_FRAME_BYTES is smaller, as it is
+# by default): small frames keep one slow peer's share of the socket buffer small.
 FRAME_BODY_BUDGET = 256 * 1024
+# Frames that fail verification on one connection before the node hangs up on it. Counted over
+# the connection's life, not in a row: a stranger who listens to the mesh could otherwise keep
+# its connection by slipping a recorded (valid) frame in between. A peer holding the key never
+# sends one.
+PIPE_STRIKES = 8
+# Connections hung up on whose frames still queued are dropped unread, remembered at most.
+DROPPED_PIPES_KEPT = 1024
+# A heartbeat's fixed part besides the frame's: array header, sent_ns, observer, the echo's
+# array header, the address's string header; and one echo entry at most (id, sent_ns, held_ns).
+HEARTBEAT_FIXED = 1 + 9 + 1 + 5 + 3
+ECHO_ENTRY_MAX = 1 + (2 + protocol.NODE_ID_SIZE) + 9 + 9
+# Stats replies split into parts to fit MAX_FRAME_BYTES: parts at most, and the keys that
+# number them (a requester that predates parts reads each as a whole reply).
+STATS_PARTS_MAX = 4096
 # Failed discovery syncs in a row after which the node counts as degraded (entries capped): a
 # peer that joined meanwhile cannot be found, and one failure may be a blip.
 DISCOVERY_FAILURES_DEGRADED = 2
@@ -192,6 +206,12 @@ class MeshNode:
         self._stats_waiters: dict[int, Callable[[bytes, dict[str, Any]], None]] = {}
         self._threads: list[threading.Thread] = []
         self._recent_tags: OrderedDict[bytes, bytes] = OrderedDict()
+        # Frames rejected per connection (pipe id), and the connections hung up on for it.
+        self._strikes: dict[int, int] = {}
+        self._dropped: dict[int, None] = {}
+        self._echo_from = 0  # where the next heartbeat's echo starts, when not all fit
+        # Stats replies in parts, gathered per (request id, peer) until complete.
+        self._stats_parts: dict[tuple[int, bytes], dict[int, dict[str, Any]]] = {}
         self._socket: Any = None
         self._hub: RelayHub | None = None  # children forked after the socket opened
         self._tls: TLSTransport | None = None  # WARPMESH['TLS']: tls+tcp:// endpoints
@@ -427,7 +447,7 @@ class MeshNode:
 
     def _on_pipe_connect(self, pipe: Any) -> None:
         # Runs on an nng thread holding nng's lock: touch only our own state.
-        self._links.connected(pipe.id)
+        self._links.connected(pipe.id, pipe, self._clock())
         self._heartbeat_now.set()
         self._wake.set()
 
@@ -620,6 +640,15 @@ class MeshNode:
         now_ns = time.monotonic_ns()
         with self._lock:
             echo = self._table.echo(now_ns)
+        # A heartbeat must fit MAX_FRAME_BYTES like any frame (peers refuse larger ones): with
+        # more live peers than fit, each heartbeat echoes the next slice of them, so every
+        # peer still gets its round trip measured, every few heartbeats.
+        room = self.config.max_frame_bytes - protocol.FRAME_OVERHEAD - HEARTBEAT_FIXED
+        fits = max(1, (room - len(self.address.encode())) // ECHO_ENTRY_MAX)
+        if len(echo) > fits:
+            start = self._echo_from % len(echo)
+            echo = (echo + echo)[start : start + fits]
+            self._echo_from = start + fits
         heartbeat = Heartbeat(self.address, now_ns, echo, self.observer)
         self._send(Kind.HEARTBEAT, protocol.heartbeat_body(heartbeat))
 
@@ -682,20 +711,26 @@ class MeshNode:
         """Take every frame queued on the socket and apply it (the caller holds the drain lock).
 
         Each receive is one call into nng that releases the GIL: frames are taken until the
-        queue says it is empty, with no readiness check between them.
+        queue says it is empty, with no readiness check between them, or until as many as it
+        can hold (BUFFER_SIZE) were taken: everything queued when the drain started is applied
+        by then, and a queue that never empties (a flood) must not keep the receiver from its
+        tick (gaps, liveness, idle connections), nor a reading thread from its read.
         """
         sock = self._socket
-        while True:
+        left = self.config.buffer_size
+        while left > 0:
             batch: list[Any] = []
+            want = min(RECV_BATCH, left)
             try:
-                while len(batch) < RECV_BATCH:
+                while len(batch) < want:
                     batch.append(sock.recv_msg(block=False))
             except pynng.TryAgain:
                 pass
             if batch:
                 self._handle_batch(batch)
-            if len(batch) < RECV_BATCH:
+            if len(batch) < want:
                 return
+            left -= want
 
     def _tick_every_ms(self) -> int:
         # Often only while something is pending (a missing frame's grace period, the start-up
@@ -705,6 +740,8 @@ class MeshNode:
         return TICK_IDLE_MS
 
     def _handle_batch(self, batch: list[Any]) -> None:
+        if self._dropped:
+            batch = self._without_dropped(batch)
         now = self._clock()
         by_alias: dict[str, list[Op]] = defaultdict(list)
         flush = False
@@ -724,6 +761,7 @@ class MeshNode:
                 frame = self.codec.decode(data)
             except protocol.ProtocolError as exc:
                 self._reject(exc.reason)
+                self._strike(message.pipe)
                 continue
             recent[tag] = frame.origin
             if len(recent) > RECENT_TAGS:
@@ -744,6 +782,97 @@ class MeshNode:
         self.counters.frames_rejected += 1
         self.counters.rejected_by_reason[reason] += 1
         self._log.limited(f"reject:{reason}", "mesh: rejected a frame (%s)", reason)
+
+    # -- connections that cost memory and bring nothing -----------------------------------------
+
+    def _strike(self, pipe: Any) -> None:
+        """A frame on ``pipe`` failed verification: after PIPE_STRIKES, hang up on it.
+
+        nng queues what a connection sends before a single frame of it is verified (up to
+        BUFFER_SIZE frames of MAX_FRAME_BYTES); a stranger's connection is closed as soon as it
+        is seen to send junk, and what it had queued is then dropped unread.
+        """
+        pipe_id = pipe.id
+        if pipe_id in self._dropped:
+            return  # hung up on already: this frame was in the same batch
+        strikes = self._strikes.get(pipe_id, 0) + 1
+        # A peer's first frame on a new connection is its heartbeat, and verifies: one that
+        # starts with junk is hung up on at once.
+        if strikes < PIPE_STRIKES and pipe_id in self._links.pipe_owner:
+            self._strikes[pipe_id] = strikes
+            return
+        self._strikes.pop(pipe_id, None)
+        self._drop_pipe(pipe, f"{PIPE_STRIKES} frames that failed verification")
+
+    def _drop_pipe(self, pipe: Any, why: str) -> None:
+        """Hang up on ``pipe`` (on the thread that drains or ticks: never in an nng callback,
+        which runs holding nng's locks) and drop unread what it still has queued."""
+        dropped = self._dropped
+        if pipe.id in dropped:
+            return  # hung up on already; nng has not reported it gone yet
+        dropped[pipe.id] = None
+        if len(dropped) > DROPPED_PIPES_KEPT:
+            del dropped[next(iter(dropped))]
+        self.counters.pipes_dropped += 1
+        address = "address unknown"
+        with contextlib.suppress(Exception):
+            address = str(pipe.remote_address)
+        self._log.limited("drop_pipe", "mesh: hung up on a connection from %s: %s", address, why)
+        with contextlib.suppress(Exception):  # already gone
+            pipe.close()
+
+    def _without_dropped(self, batch: list[Any]) -> list[Any]:
+        """The frames of ``batch`` but those from a connection hung up on: dropped unread."""
+        dropped = self._dropped
+        kept = [message for message in batch if message.pipe.id not in dropped]
+        skipped = len(batch) - len(kept)
+        if skipped:
+            self.counters.frames_received += skipped
+            self.counters.frames_rejected += skipped
+            self.counters.rejected_by_reason["dropped_connection"] += skipped
+        return kept
+
+    def _close_idle_pipes(self, now: float) -> None:
+        """Hang up on connections that sent nothing verifiable for a liveness window after
+        connecting.
+
+        Each connection holds up to BUFFER_SIZE of our frames queued while it does not read: a
+        stranger that connects and never reads (nor says who it is) would hold them, and get
+        every frame we send, for as long as it stays connected. A peer says who it is at once
+        (a heartbeat on every new connection, and every HEARTBEAT after).
+        """
+        links = self._links
+        window = self._table.liveness
+        with self._lock:
+            idle = [
+                pipe
+                for pipe_id, pipe in links.pipes.items()
+                if pipe_id not in links.pipe_owner
+                and pipe_id not in links.self_pipes
+                and now - links.connected_at.get(pipe_id, now) > window
+            ]
+            live = links.live_pipes
+            for pipe_id in [p for p in self._strikes if p not in live]:
+                del self._strikes[pipe_id]
+        for pipe in idle:
+            self._drop_pipe(pipe, f"nothing verifiable within {window:g} s of connecting")
+        self._forget_gone_pipes()
+
+    def _forget_gone_pipes(self) -> None:
+        """pynng keeps a Pipe per id it sees; a frame taken after its connection went (one we
+        hung up on, with frames still queued) adds the id back, never to be removed: drop
+        those, or every junk connection leaves one behind."""
+        sock = self._socket
+        pipes = getattr(sock, "_pipes", None)
+        notify = getattr(sock, "_pipe_notify_lock", None)
+        if not isinstance(pipes, dict) or notify is None or len(pipes) <= len(self._links.pipes):
+            return
+        # pynng's lock first, then ours: the order its callbacks (ours among them) take them.
+        with notify, self._lock:
+            live = self._links.live_pipes
+            for pipe_id in [p for p in pipes if p not in live]:
+                # One between nng's "adding" and "added" events is made again at "added".
+                del pipes[pipe_id]
 
     def _accept(self, frame: Frame, pipe: Any, now: float, by_alias: dict[str, list[Op]]) -> bool:
         """Check one verified frame; queue its ops. Returns True if caches must be flushed."""
@@ -889,17 +1018,41 @@ class MeshNode:
     def _on_stats_request(self, peer: Peer, request_id: int) -> None:
         if self.observer:
             return
-        reply = protocol.StatsReply(request_id, peer.node_id, self.snapshot())
+
+        def fits(stats: dict[str, Any]) -> bool:
+            reply = protocol.StatsReply(request_id, peer.node_id, stats)
+            frame = Frame(Kind.STATS_REPLY, self.node_id, self.epoch, 2**64 - 1, None)
+            try:
+                self.codec.encode(frame._replace(body=protocol.stats_reply_body(reply)))
+            except protocol.ProtocolError:
+                return False
+            return True
+
+        # A whole snapshot (a row per peer) can outgrow MAX_FRAME_BYTES, which peers refuse:
+        # it goes in parts, each a complete reply with some of the rows.
+        parts = stats.split_snapshot(self.snapshot(), fits, max_parts=STATS_PARTS_MAX)
         with self._lock:
-            self._outbox.append((Kind.STATS_REPLY, protocol.stats_reply_body(reply)))
+            for part in parts:
+                reply = protocol.StatsReply(request_id, peer.node_id, part)
+                self._outbox.append((Kind.STATS_REPLY, protocol.stats_reply_body(reply)))
         self._wake.set()
 
     def _on_stats_reply(self, peer: Peer, reply: protocol.StatsReply) -> None:
         if reply.requester != self.node_id:
             return
         waiter = self._stats_waiters.get(reply.request_id)
-        if waiter is not None:
+        if waiter is None:
+            return
+        parts = reply.stats.get(stats.PARTS_KEY)
+        if type(parts) is not int or parts <= 1:
             waiter(peer.node_id, reply.stats)
+            return
+        # Gathered only for a request still waited for (cancel_stats_request drops them).
+        gathered = self._stats_parts.setdefault((reply.request_id, peer.node_id), {})
+        whole = stats.gather_part(gathered, reply.stats, parts, STATS_PARTS_MAX)
+        if whole is not None:
+            del self._stats_parts[(reply.request_id, peer.node_id)]
+            waiter(peer.node_id, whole)
 
     def _tick(self) -> None:
         """Periodic checks, run by the receiver between batches: at least every 50 ms while a
@@ -907,6 +1060,7 @@ class MeshNode:
         now = self._clock()
         with self._lock:
             gaps, lost = self._table.expire(now)
+        self._close_idle_pipes(now)
         flush = False
         for peer in gaps:
             flush |= self._gap(peer)
@@ -1022,6 +1176,8 @@ class MeshNode:
     def cancel_stats_request(self, request_id: int) -> None:
         """Stop passing on replies to ``request_id`` (late ones are then ignored)."""
         self._stats_waiters.pop(request_id, None)
+        for key in [key for key in self._stats_parts if key[0] == request_id]:
+            del self._stats_parts[key]
 
     def peers(self) -> list[Peer]:
         with self._lock:

@@ -43,6 +43,10 @@ class Links:
         self.closing: list[Any] = []  # dialers to close once the lock is released
         self.live_pipes: set[int] = set()
         self.self_pipes: set[int] = set()
+        # The live pipes themselves and when each connected: the node hangs up on those that
+        # bring nothing (see MeshNode._close_idle_pipes), from its own threads.
+        self.pipes: dict[int, Any] = {}
+        self.connected_at: dict[int, float] = {}
 
     def open(self, socket: Any, tls: TLSTransport | None) -> None:
         """The node's socket is open: dial on it (through ``tls`` if set)."""
@@ -96,15 +100,20 @@ class Links:
 
     # -- pipes, as nng reports them (on its own threads) ----------------------------------------
 
-    def connected(self, pipe_id: int) -> None:
+    def connected(self, pipe_id: int, pipe: Any = None, at: float = 0.0) -> None:
         with self._lock:
             self.live_pipes.add(pipe_id)
+            if pipe is not None:
+                self.pipes[pipe_id] = pipe
+                self.connected_at[pipe_id] = at
 
     def removed(self, pipe_id: int) -> bool:
         """A pipe went. True if it carried a parked link: that address must be dialled again."""
         with self._lock:
             self.live_pipes.discard(pipe_id)
             self.self_pipes.discard(pipe_id)
+            self.pipes.pop(pipe_id, None)
+            self.connected_at.pop(pipe_id, None)
             owner = self.pipe_owner.pop(pipe_id, None)
             self.pipe_dialed.pop(pipe_id, None)
             peer = self._peers.get(owner) if owner is not None else None

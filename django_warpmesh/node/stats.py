@@ -31,6 +31,7 @@ class Counters:
     queue_overflows: int = 0
     send_errors: int = 0
     frames_rejected: int = 0
+    pipes_dropped: int = 0  # connections hung up on: junk, or nothing verifiable in time
     rejected_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
 
 
@@ -101,6 +102,76 @@ def peer_rows(
             }
         )
     return rows
+
+
+# A stats reply in parts (see split_snapshot): which part this is, and of how many.
+PART_KEY = "reply_part"
+PARTS_KEY = "reply_parts"
+# Longest text kept in a stats reply too large for one frame.
+TEXT_MAX = 512
+
+
+def split_snapshot(
+    snapshot: dict[str, Any], fits: Callable[[dict[str, Any]], bool], *, max_parts: int
+) -> list[dict[str, Any]]:
+    """``snapshot`` as one stats reply if it ``fits`` a frame, else as parts that each do: every
+    part holds everything but ``peers``, and as many of the peer rows as fit, in order.
+
+    Text longer than ``TEXT_MAX`` (a database error's message) is cut first. A row too large
+    for a part of its own, or beyond ``max_parts``, is left out: ``peers_omitted`` counts them.
+    """
+    if fits(snapshot):
+        return [snapshot]
+    snapshot = {
+        key: value[:TEXT_MAX] + "…" if isinstance(value, str) and len(value) > TEXT_MAX else value
+        for key, value in snapshot.items()
+    }
+    # Measured with the largest numbers the part keys can hold, so filling them in still fits.
+    rows = list(snapshot.get("peers") or [])
+    base = {
+        **snapshot,
+        "peers": [],
+        PART_KEY: max_parts,
+        PARTS_KEY: max_parts,
+        "peers_omitted": len(rows),
+    }
+    parts: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    omitted = 0
+    for row in rows:
+        if fits({**base, "peers": [*current, row]}):
+            current.append(row)
+        elif current and len(parts) < max_parts - 1 and fits({**base, "peers": [row]}):
+            parts.append(current)
+            current = [row]
+        else:
+            omitted += 1
+    parts.append(current)
+    return [
+        {**snapshot, "peers": rows, PART_KEY: i, PARTS_KEY: len(parts), "peers_omitted": omitted}
+        for i, rows in enumerate(parts)
+    ]
+
+
+def gather_part(
+    gathered: dict[int, dict[str, Any]], part: dict[str, Any], parts: int, max_parts: int
+) -> dict[str, Any] | None:
+    """Add ``part`` (of ``parts``) to what was ``gathered``; the whole snapshot once every part
+    is in, else None. A part numbered outside ``parts`` (or over ``max_parts``) is ignored."""
+    index = part.get(PART_KEY)
+    if type(index) is not int or not 0 <= index < parts <= max_parts:
+        return None
+    gathered[index] = part
+    if len(gathered) < parts or any(i not in gathered for i in range(parts)):
+        return None
+    whole = {key: value for key, value in gathered[0].items() if key not in (PART_KEY, PARTS_KEY)}
+    whole["peers"] = [
+        row
+        for i in range(parts)
+        if isinstance(gathered[i].get("peers"), list)
+        for row in gathered[i]["peers"]
+    ]
+    return whole
 
 
 @dataclasses.dataclass
