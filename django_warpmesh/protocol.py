@@ -108,6 +108,12 @@ class Codec:
             raise ProtocolError("too_large", f"{len(data)} > {self.max_frame_bytes} bytes")
         return data
 
+    def authentic(self, data: bytes) -> bool:
+        """Whether ``data`` carries the tag of its own payload under this key (not parsed)."""
+        if len(data) < 8 + TAG_SIZE:
+            return False
+        return hmac.compare_digest(self._tag(data[:-TAG_SIZE]), data[-TAG_SIZE:])
+
     def decode(self, data: bytes) -> Frame:
         size = len(data)
         if size > self.max_frame_bytes:

@@ -104,3 +104,38 @@ def test_the_larger_id_keeps_its_dialer() -> None:
     assert p.node._table.peers[SMALLER].pipes == {1, 2}
     assert not p.dialer.closed
     assert p.node._links.parked == {}
+
+
+def test_a_recent_frames_tag_on_other_bytes_binds_nothing() -> None:
+    """Found by tests/fuzz/fuzz_node.py: the second copy of a frame is known by its tag alone,
+    and anyone connected sees the tags go by. Junk ending in one must not make its pipe speak
+    for that peer (nor count it among the peer's pipes, which can hang up our own dialer)."""
+    p = pair(SMALLER, LARGER)
+    genuine = p.peer.on(p.ours)
+    p.node._handle_batch([genuine])
+    stranger = FakePipe(3)
+    p.node._on_pipe_connect(stranger)
+    forged = b"\x00" * 40 + genuine.bytes[-protocol.TAG_SIZE :]
+    p.node._handle_batch([FakeMessage(forged, stranger)])
+    assert 3 not in p.node._links.pipe_owner
+    assert p.node._table.peers[LARGER].pipes == {1}
+    assert p.node.counters.rejected_by_reason["bad_mac"] == 1
+    # A true copy on the second pipe is still known by its tag and binds it.
+    p.node._handle_batch([FakeMessage(genuine.bytes, p.theirs)])
+    assert p.node._links.pipe_owner[2] == LARGER
+
+
+def test_a_copy_of_our_own_frame_does_not_make_us_our_own_peer() -> None:
+    """Found by tests/fuzz/fuzz_node.py: a second copy of one of our own frames (we dialled
+    ourselves over two pipes) took the duplicate shortcut and bound the pipe to our own id."""
+    p = pair(SMALLER, LARGER)
+    own = Heartbeats(SMALLER, epoch=p.node.epoch)
+    first, second = FakePipe(3), FakePipe(4)
+    for pipe in (first, second):
+        p.node._on_pipe_connect(pipe)
+    frame = own.on(first)
+    p.node._handle_batch([frame])
+    p.node._handle_batch([FakeMessage(frame.bytes, second)])
+    assert SMALLER not in p.node._table.peers
+    assert p.node._links.self_pipes >= {3}
+    assert 4 not in p.node._links.pipe_owner
