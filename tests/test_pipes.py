@@ -104,3 +104,34 @@ def test_the_larger_id_keeps_its_dialer() -> None:
     assert p.node._table.peers[SMALLER].pipes == {1, 2}
     assert not p.dialer.closed
     assert p.node._links.parked == {}
+
+
+def test_a_stranger_repeating_a_sniffed_tag_owns_no_pipe_and_parks_nothing() -> None:
+    p = pair(SMALLER, LARGER)
+    stranger = FakePipe(3)
+    p.node._on_pipe_connect(stranger)
+    sniffed = p.peer.on(p.ours).bytes  # a frame the peer sent, seen on the wire
+    p.node._handle_batch([FakeMessage(sniffed, p.ours)])
+    rejected = p.node.counters.frames_rejected
+    # Its tag, behind bytes of the stranger's own: not a copy, so verified, and rejected.
+    forged = bytes(200) + sniffed[-protocol.TAG_SIZE :]
+    p.node._handle_batch([FakeMessage(forged, stranger)] * 3)
+    assert p.node.counters.frames_rejected == rejected + 3
+    assert stranger.id not in p.node._links.pipe_owner
+    assert not p.dialer.closed
+    assert ADDRESS in p.node._links.dialers
+
+
+def test_an_old_frame_replayed_owns_no_pipe() -> None:
+    p = pair(SMALLER, LARGER)
+    captured = p.peer.on(p.ours)
+    p.node._handle_batch([captured])
+    p.node._handle_batch([p.peer.on(p.ours)])  # newer frames since
+    replayer = FakePipe(3)
+    p.node._on_pipe_connect(replayer)
+    # The whole frame, byte for byte, replayed later on another pipe: valid, but not fresh.
+    duplicates = p.node.counters.duplicates
+    p.node._handle_batch([FakeMessage(captured.bytes, replayer)])
+    assert p.node.counters.duplicates == duplicates + 1
+    assert replayer.id not in p.node._links.pipe_owner
+    assert not p.dialer.closed
