@@ -1,7 +1,7 @@
 """tests.settings with django-cachalot installed, caching on ``CACHES["cachalot"]``.
 
-``WARPMESH_CACHALOT_BACKEND`` picks that cache's backend: a plain ``MeshCache`` by default;
-Django's ``LocMemCache`` to measure what they do.
+``WARPMESH_CACHALOT_BACKEND`` picks that cache's backend: ``CachalotMeshCache`` by default;
+a plain ``django_warpmesh.cache.MeshCache`` or Django's ``LocMemCache`` to see what they do.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ CACHES = {
     **CACHES,
     "cachalot": {
         "BACKEND": os.environ.get(
-            "WARPMESH_CACHALOT_BACKEND", "django_warpmesh.cache.MeshCache"
+            "WARPMESH_CACHALOT_BACKEND", "django_warpmesh.contrib.cachalot.CachalotMeshCache"
         ),
         "LOCATION": "cachalot",
     },
