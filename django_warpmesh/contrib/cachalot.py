@@ -28,6 +28,7 @@ MeshCache's, unchanged.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import sys
 import threading
@@ -52,6 +53,8 @@ BACKEND = "django_warpmesh.contrib.cachalot.CachalotMeshCache"
 TAG_PREFIX = "cachalot:"
 # Tables cachalot must not cache through this backend: the mesh's own.
 OWN_APP = "django_warpmesh"
+
+logger = logging.getLogger("django_warpmesh")
 
 
 def cachalot_tag(table: str) -> str:
@@ -138,6 +141,15 @@ class CachalotMeshCache(MeshCache):
 
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         super().__init__(name, params)
+        if not CachalotMeshCache.in_use and not apps.is_installed(OWN_APP):
+            # cachalot invalidates before each write: a peer reading in between caches the old
+            # rows again. The ORM hooks invalidate again after the write (and at commit).
+            logger.warning(
+                "mesh: %s without '%s' in INSTALLED_APPS: a query another process runs while a "
+                "write is under way can cache the rows from before it (see docs/cachalot.md)",
+                BACKEND,
+                OWN_APP,
+            )
         CachalotMeshCache.in_use = True
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
