@@ -5,16 +5,18 @@ cut into stages by timestamps taken inside the writer's and one receiver's node.
 
 Stages (``time.monotonic_ns()``, one clock for every process of the host):
 
-* write → sender awake: ``cache.set`` (local store, queueing), then waking the sender thread;
-* sender awake → send: taking the queue, coalescing, splitting;
-* send → receiver has the frame: encoding and HMAC, nng and TCP on loopback, waking the
-  receiver thread (``send()`` itself may return after the frame has arrived);
+* write → send: on the writing thread, ``cache.set`` (local store, queueing), then taking the
+  queue and building the op: the writing thread sends its own invalidation;
+* send → receiver has the frame: encoding and HMAC, nng and TCP on loopback, and the receiving
+  side taking it (a reader draining before its read, or the receiver thread); ``send()`` itself
+  may return after the frame has arrived;
 * receiver has the frame → checked: verifying, decoding, sequence and liveness checks;
 * checked → key gone: applying to the local store.
 
-The timestamps are taken by wrapping four methods of :class:`django_warpmesh.node.MeshNode` in
-the worker processes: a few clock reads per message on top of what ``benchmarks/run`` measures.
-Rounds are 2-4 ms apart, as in section 2, so each invalidation travels alone.
+The timestamps are taken by wrapping three methods of
+:class:`django_warpmesh.node.MeshNode` in the worker processes: a few clock reads per message on
+top of what ``benchmarks/run`` measures. Rounds are 2-4 ms apart, as in section 2, so each
+invalidation travels alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import random
 import time
 from typing import Any
 
-STAGES = ("wake", "send", "batch", "checked")
+STAGES = ("send", "batch", "checked")
 
 # -- in the workers ------------------------------------------------------------------------------
 
@@ -39,13 +41,8 @@ def install() -> bool:
 
     if getattr(MeshNode, "_stages_installed", False):
         return True
-    send_pending, send_invalidate = MeshNode._send_pending, MeshNode._send_invalidate
+    send_invalidate = MeshNode._send_invalidate
     handle_batch, track_invalidate = MeshNode._handle_batch, MeshNode._track_invalidate
-
-    def timed_send_pending(self: MeshNode) -> None:
-        if self._queue:
-            _stamps["wake"].append(time.monotonic_ns())
-        send_pending(self)
 
     def timed_send_invalidate(self: MeshNode, ops: Any) -> None:
         _stamps["send"].append(time.monotonic_ns())
@@ -60,7 +57,6 @@ def install() -> bool:
         _stamps["checked"].append(time.monotonic_ns())
         return track_invalidate(self, *args)
 
-    MeshNode._send_pending = timed_send_pending  # type: ignore[method-assign]
     MeshNode._send_invalidate = timed_send_invalidate  # type: ignore[method-assign]
     MeshNode._handle_batch = timed_handle_batch  # type: ignore[method-assign]
     MeshNode._track_invalidate = timed_track_invalidate  # type: ignore[method-assign]
@@ -83,7 +79,6 @@ def stamps() -> dict[str, list[int]]:
 
 STAGE_NAMES = (
     "write",
-    "sender awake",
     "send",
     "receiver has the frame",
     "checked",
@@ -116,12 +111,11 @@ def measure(processes: int, rounds: int) -> list[tuple[str, list[float]]]:
 
     # One frame per round, in order on both sides (rounds travel alone; heartbeats carry no
     # INVALIDATE). A round lost or coalesced would misalign them: refuse rather than guess.
-    counts = {len(written), len(sent["wake"]), len(sent["send"]), len(got["checked"])}
+    counts = {len(written), len(sent["send"]), len(got["checked"])}
     if len(counts) != 1 or any(gone[key] is None for key in keys):
         raise RuntimeError(f"the rounds did not line up one frame each ({counts})")
     points = [
         written,
-        sent["wake"],
         sent["send"],
         got["batch"],
         got["checked"],

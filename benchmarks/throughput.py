@@ -131,7 +131,7 @@ def write(mode: str, prefix: str, count: int) -> dict[str, Any]:
     counters = node.counters
     keys = [f"{prefix}{i}" for i in range(count)]
     # The sequence number counts invalidation frames only (frames_sent counts heartbeats too).
-    seq_before, keys_before = node._seq, counters.keys_sent
+    seq_before, keys_before = node.last_seq, counters.keys_sent
     overflows_before = counters.queue_overflows
     started = time.monotonic_ns()
     if mode == "many":
@@ -149,7 +149,7 @@ def write(mode: str, prefix: str, count: int) -> dict[str, Any]:
     return {
         "start_ns": started,
         "returned_ns": returned,
-        "frames": node._seq - seq_before,
+        "frames": node.last_seq - seq_before,
         "overflows": counters.queue_overflows - overflows_before,
     }
 
@@ -160,7 +160,7 @@ def _wait_sent(node: Any, keys: int, overflows_before: int, within: float) -> No
     counters = node.counters
     deadline = time.monotonic() + within
     while counters.keys_sent < keys and not (
-        counters.queue_overflows > overflows_before and not node._queue
+        counters.queue_overflows > overflows_before and not node.queued
     ):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the sender did not send {keys} keys within {within} s")
@@ -232,7 +232,7 @@ def raw_open(buffer_size: int) -> str:
 
     import pynng
 
-    from django_warpmesh.node import RECV_BATCH, _Readable
+    from django_warpmesh.node.core import RECV_BATCH, _Readable
     from tests.cluster import free_ports
 
     (port,) = free_ports(1)

@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 
 def mesh_stats() -> dict[str, Any]:
     """This process's view of the mesh: its node, its peers and its counters."""
-    from django_warpmesh import node
+    from django_warpmesh.node import NullNode, process
 
-    current = node.current_node()
+    current = process.current_node()
     if current is None:
-        return node.NullNode("not started: no MeshCache has been used in this process").snapshot()
+        return NullNode("not started: no MeshCache has been used in this process").snapshot()
     return current.snapshot()
 
 

@@ -24,7 +24,7 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
-from django_warpmesh import node as mesh_node
+from django_warpmesh.node import MeshNode, NullNode, process
 from django_warpmesh.protocol import Op, OpCode, digest, encodable
 from django_warpmesh.tags import TABLE, marks, normalize, table_of, watches
 
@@ -292,16 +292,22 @@ def get_store(name: str) -> LocMemStore:
             store = _stores.get(name)
             if store is None:
                 store = _stores[name] = LocMemStore(name)
-                node = mesh_node.current_node()
+                node = process.current_node()
                 if node is not None:
                     node.register_store(name, store)
     return store
 
 
-def _build_node() -> mesh_node.MeshNode | mesh_node.NullNode:
+def _build_node() -> MeshNode | NullNode:
     from django_warpmesh.mesh import build_node
 
     return build_node()
+
+
+def _degraded_timeout() -> float | None:
+    from django_warpmesh.conf import get_settings
+
+    return get_settings().degraded_timeout
 
 
 def _existing_stores() -> dict[str, LocMemStore]:
@@ -366,7 +372,7 @@ def invalidate_tags(tags: tuple[str, ...], *, start: bool = True) -> None:
     """
     if not tags:
         return
-    node = mesh_node.get_node() if start else mesh_node.current_node()
+    node = process.get_node() if start else process.current_node()
     names = dict.fromkeys((*mesh_locations(), *_stores))
     for name in names:
         store = get_store(name)
@@ -378,8 +384,8 @@ def invalidate_tags(tags: tuple[str, ...], *, start: bool = True) -> None:
         node.deliver()
 
 
-mesh_node.set_node_factory(_build_node, _existing_stores)
-mesh_node.on_fork_in_child(_reset_after_fork)
+process.set_node_factory(_build_node, _existing_stores, _degraded_timeout)
+process.on_fork_in_child(_reset_after_fork)
 
 
 # Called unbound, without super(): a read's own cost is what the mesh must not add to.
@@ -448,11 +454,11 @@ class MeshCache(LocMemCache):
     # -- reads: first what has already arrived from the peers -----------------------------------
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        mesh_node.drain_before_read()
+        process.drain_before_read()
         return _locmem_get(self, key, default, version)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
-        mesh_node.drain_before_read()
+        process.drain_before_read()
         found = {}
         missing = self._missing_key
         for key in keys:
@@ -462,7 +468,7 @@ class MeshCache(LocMemCache):
         return found
 
     def has_key(self, key: Any, version: int | None = None) -> bool:
-        mesh_node.drain_before_read()
+        process.drain_before_read()
         return super().has_key(key, version)
 
     # -- writes ---------------------------------------------------------------------------------
@@ -480,7 +486,7 @@ class MeshCache(LocMemCache):
         key = self.make_and_validate_key(key, version=version)
         normalized = normalize(tags)
         pickled = pickle.dumps(value, self.pickle_protocol)
-        node = mesh_node.get_node()
+        node = process.get_node()
         with self._store.lock:
             if not self._store.has_expired(key):
                 return False
@@ -513,7 +519,7 @@ class MeshCache(LocMemCache):
         key = self.make_and_validate_key(key, version=version)
         normalized = normalize(tags)
         pickled = pickle.dumps(value, self.pickle_protocol)
-        node = mesh_node.get_node()
+        node = process.get_node()
         with self._store.lock:
             if node.ready:
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
@@ -545,7 +551,7 @@ class MeshCache(LocMemCache):
         version: int | None = None,
     ) -> bool:
         key = self.make_and_validate_key(key, version=version)
-        cap = mesh_node.get_node().max_timeout
+        cap = process.get_node().max_timeout
         with self._store.lock:
             if self._store.has_expired(key):
                 return False
@@ -554,8 +560,8 @@ class MeshCache(LocMemCache):
 
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
         key = self.make_and_validate_key(key, version=version)
-        node = mesh_node.get_node()
-        mesh_node.drain_before_read()  # it reads the value it adds to
+        node = process.get_node()
+        process.drain_before_read()  # it reads the value it adds to
         with self._store.lock:
             if self._store.has_expired(key):
                 self._store._forget(key)
@@ -571,7 +577,7 @@ class MeshCache(LocMemCache):
 
     def delete(self, key: Any, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
-        node = mesh_node.get_node()
+        node = process.get_node()
         with self._store.lock:
             existed = key in self._store.cache
             self._store._forget(key)
@@ -584,7 +590,7 @@ class MeshCache(LocMemCache):
         made = [self.make_and_validate_key(key, version=version) for key in keys]
         if not made:
             return
-        node = mesh_node.get_node()
+        node = process.get_node()
         with self._store.lock:
             for key in made:
                 self._store._forget(key)
@@ -592,7 +598,7 @@ class MeshCache(LocMemCache):
         node.deliver()
 
     def clear(self) -> None:
-        node = mesh_node.get_node()
+        node = process.get_node()
         with self._store.lock:
             self._store._forget_all()
             node.publish(self._name, OpCode.CLEAR, None)
@@ -611,7 +617,7 @@ class MeshCache(LocMemCache):
             raise InvalidCacheKey(
                 f"Pattern cannot be sent to the mesh's peers (not valid UTF-8): {full_pattern!r}"
             )
-        node = mesh_node.get_node()
+        node = process.get_node()
         with self._store.lock:
             deleted = self._store._forget_matching(full_pattern)
             node.publish(self._name, OpCode.PATTERN, full_pattern)
@@ -643,7 +649,7 @@ class MeshCache(LocMemCache):
             # invalidation landing meanwhile must count), then checked and stored under one
             # acquisition of the lock, as add() would store it.
             pickled = pickle.dumps(default, self.pickle_protocol)
-            node = mesh_node.get_node()
+            node = process.get_node()
             with store.lock:
                 closed = True
                 if not store.close_fill(started_at, made, normalized):

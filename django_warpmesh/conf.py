@@ -9,8 +9,6 @@ works in tests.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import ipaddress
 import math
 import os
 import sys
@@ -22,57 +20,22 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
-DEFAULT_PORT = 7934
+from django_warpmesh.node import config
+from django_warpmesh.node.config import DEFAULT_PORT, MeshSettings, TLSSettings, format_address
 
-
-@dataclasses.dataclass(frozen=True)
-class TLSSettings:
-    """``WARPMESH['TLS']``: PEM files for mutual TLS between peers.
-
-    ``server_name``: the name every peer's certificate must carry; ``None``: the host of the
-    address dialled (so certificates need that IP, or DNS name, in their subjectAltName).
-    """
-
-    cert: str
-    key: str = dataclasses.field(repr=False)  # a path, but the path of a secret: not shown
-    ca: str
-    server_name: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSettings:
-    enabled: bool = True
-    bind: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
-    port_range: int = 64
-    advertise: str | None = None
-    peers: tuple[str, ...] = ()
-    heartbeat: float = 1.0
-    secret: str | None = dataclasses.field(default=None, repr=False)
-    startup_wait: float | None = None
-    queue_size: int = 100_000
-    buffer_size: int = 8192
-    max_frame_bytes: int = 1024 * 1024
-    discovery_interval: float = 5.0
-    stale_after: float = 30.0
-    database: str | None = None
-    degraded_timeout: float | None = 5.0
-    drain_on_read: bool = True
-    orm: bool = True
-    orm_include: tuple[str, ...] = ()
-    orm_exclude: tuple[str, ...] = ()
-    tls: TLSSettings | None = None
-
-    @property
-    def effective_startup_wait(self) -> float:
-        """How long a starting node waits for known peers before it caches anyway."""
-        if self.startup_wait is not None:
-            return self.startup_wait
-        return 3 * self.heartbeat
-
-    @property
-    def discovery_enabled(self) -> bool:
-        return self.enabled and not self.peers
+__all__ = [
+    "DEFAULT_PORT",
+    "ENV_OPTIONS",
+    "OPTIONS",
+    "MeshSettings",
+    "TLSSettings",
+    "format_address",
+    "get_settings",
+    "parse",
+    "parse_address",
+    "reload",
+    "running_migration_command",
+]
 
 
 def _as_bool(name: str, value: object) -> bool:
@@ -142,36 +105,17 @@ def _as_host(name: str, value: object) -> str:
 
 def _validate_host(name: str, host: str) -> None:
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        # A DNS name: letters, digits, dots and dashes, as RFC 1123 allows.
-        labels = host.rstrip(".").split(".")
-        if not all(
-            label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels
-        ):
-            raise ImproperlyConfigured(f"WARPMESH['{name}']: {host!r} is not a host name or IP.")
+        config.validate_host(name, host)
+    except config.AddressError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
 
 
 def parse_address(name: str, value: object) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) and validate both halves."""
-    text = _as_str(name, value)
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if ":" in host:
-            raise ImproperlyConfigured(
-                f"WARPMESH['{name}']: {text!r} is ambiguous; write an IPv6 host as [host]:port."
-            )
-    if not sep or not host:
-        raise ImproperlyConfigured(f"WARPMESH['{name}']: {text!r} is not of the form host:port.")
-    _validate_host(name, host)
-    port = _as_int(name, port_text, minimum=1, maximum=65535)
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return config.parse_address(name, value)
+    except config.AddressError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
 
 
 def _as_address(name: str, value: object) -> str:

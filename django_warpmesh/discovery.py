@@ -60,9 +60,9 @@ class Registrant(Protocol):
 
 def peer_table_migrated(**kwargs: object) -> None:
     """``post_migrate`` of this app: the running node's next sync happens now."""
-    from django_warpmesh.node import MeshNode, current_node
+    from django_warpmesh.node import MeshNode, process
 
-    node = current_node()
+    node = process.current_node()
     if isinstance(node, MeshNode):
         node.sync_soon()
 

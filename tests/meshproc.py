@@ -52,10 +52,10 @@ def _starvable_mesh_threads() -> dict[str, bool]:
     """Lets a test stop the node's receiver or sender thread from running ("starve")."""
     import threading
 
-    from django_warpmesh import node as mesh_node
+    from django_warpmesh.node import core
 
     starved: dict[str, bool] = {}
-    readable_wait, wakeup_wait = mesh_node._Readable.wait, mesh_node.Wakeup.wait
+    readable_wait, wakeup_wait = core._Readable.wait, core.Wakeup.wait
 
     def starving(wait: Any) -> Any:
         def patched(self: Any, timeout: float) -> bool:
@@ -70,8 +70,8 @@ def _starvable_mesh_threads() -> dict[str, bool]:
 
         return patched
 
-    mesh_node._Readable.wait = starving(readable_wait)  # type: ignore[method-assign]
-    mesh_node.Wakeup.wait = starving(wakeup_wait)  # type: ignore[method-assign]
+    core._Readable.wait = starving(readable_wait)  # type: ignore[method-assign]
+    core.Wakeup.wait = starving(wakeup_wait)  # type: ignore[method-assign]
     return starved
 
 

@@ -33,7 +33,7 @@ from django_warpmesh import cache as mesh_cache
 from django_warpmesh import node as mesh_node
 from django_warpmesh import protocol
 from django_warpmesh.cache import MeshCache
-from django_warpmesh.node import coalesce
+from django_warpmesh.node import coalesce, process
 from django_warpmesh.protocol import Op, OpCode, digest
 
 START = 1_700_000_000.0
@@ -1410,7 +1410,7 @@ def test_adelete_pattern_is_delete_pattern(clock: Clock) -> None:
 
 
 class RecordingNode:
-    """Stands in for the process's node (``django_warpmesh.node._current``)."""
+    """Stands in for the process's node (``django_warpmesh.node.process._current``)."""
 
     enabled = True
 
@@ -1446,7 +1446,7 @@ class RecordingNode:
 @pytest.fixture
 def node(monkeypatch: pytest.MonkeyPatch) -> RecordingNode:
     fake = RecordingNode()
-    monkeypatch.setattr(mesh_node, "_current", fake)
+    monkeypatch.setattr(process, "_current", fake)
     assert mesh_node.get_node() is fake
     return fake
 
@@ -1650,7 +1650,7 @@ def test_published_value_survives_on_a_peer_holding_the_same_bytes(
 
 def test_not_ready_node_publishes_but_does_not_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = RecordingNode(ready=False)
-    monkeypatch.setattr(mesh_node, "_current", fake)
+    monkeypatch.setattr(process, "_current", fake)
     cache = mesh()
     cache._store.cache[":1:k"] = pickle.dumps("stale")
     cache._store.expire_info[":1:k"] = None
@@ -1665,7 +1665,7 @@ def test_not_ready_node_publishes_but_does_not_cache(monkeypatch: pytest.MonkeyP
 
 
 def test_degraded_node_caps_timeouts(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
-    monkeypatch.setattr(mesh_node, "_current", RecordingNode(max_timeout=30))
+    monkeypatch.setattr(process, "_current", RecordingNode(max_timeout=30))
     cache = mesh()
     cache.set("forever", 1, None)
     cache.set("long", 1, 3600)

@@ -342,14 +342,14 @@ def test_rejected_frames_and_gaps_are_logged_at_most_once_a_minute(
     ]
     caplog.clear()
     now[0] += LOG_EVERY / 2
-    node._flush_log_limits(now[0])
+    node._log.flush(now[0])
     assert caplog.messages == []  # the minute is not over
     now[0] += LOG_EVERY / 2
-    node._flush_log_limits(now[0])  # the receiver does this between batches
+    node._log.flush(now[0])  # the receiver does this between batches
     assert caplog.messages == ["mesh: rejected a frame (bad_mac) (4 more time(s) in the last 60 s)"]
     caplog.clear()
     now[0] += LOG_EVERY + 1
-    node._flush_log_limits(now[0])  # nothing held back: nothing said, the slate is clean
+    node._log.flush(now[0])  # nothing held back: nothing said, the slate is clean
     node._reject("bad_mac")
     assert caplog.messages == ["mesh: rejected a frame (bad_mac)"]
     assert node.counters.rejected_by_reason == {"bad_mac": 6, "malformed": 1}

@@ -16,9 +16,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from django_warpmesh import cache as mesh_cache
-from django_warpmesh import node as mesh_node
 from django_warpmesh.cache import MeshCache
-from django_warpmesh.node import SINGLE_OP_MAX_ITEMS, _single_op, coalesce
+from django_warpmesh.node import SINGLE_OP_MAX_ITEMS, coalesce, process
+from django_warpmesh.node.ops import single_op
 from django_warpmesh.protocol import Op, OpCode, digest
 
 
@@ -355,7 +355,7 @@ def test_peers_end_with_what_the_writer_holds_whatever_the_interleaving(
     lock = ProbeLock(scheduler)
     locmem._locks[name] = lock  # type: ignore[attr-defined]
     node = InterleavingNode(name, scheduler)
-    saved_node, mesh_node._current = mesh_node._current, node  # type: ignore[assignment]
+    saved_node, process._current = process._current, node  # type: ignore[assignment]
     peer_store = mesh_cache.LocMemStore(f"{name}-peer")
     try:
         cache = MeshCache(name, {"OPTIONS": {"MAX_ENTRIES": 1000}})
@@ -381,7 +381,7 @@ def test_peers_end_with_what_the_writer_holds_whatever_the_interleaving(
                 queued,
             )
     finally:
-        mesh_node._current = saved_node
+        process._current = saved_node
         for store_name in (name, f"{name}-peer"):
             mesh_cache._stores.pop(store_name, None)
             for shared in ("_caches", "_expire_info", "_locks"):
@@ -403,7 +403,7 @@ def test_a_single_op_is_sent_as_coalescing_would_send_it(
         OpCode.PATTERN: keys[0],
         OpCode.CLEAR: None,
     }[code]
-    single = _single_op("c", code, arg)
+    single = single_op("c", code, arg)
     if single is None:  # a long list: split like any batch
         assert len(set(keys)) > SINGLE_OP_MAX_ITEMS
         return

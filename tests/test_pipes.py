@@ -67,7 +67,7 @@ def pair(node_id: bytes, peer_id: bytes) -> Pair:
     node = MeshNode(parse({"PEERS": [ADDRESS]}), KEY, StaticRegistry([]))
     node.node_id = node_id
     dialer = FakeDialer()
-    node._dialers[ADDRESS] = dialer
+    node._links.dialers[ADDRESS] = dialer
     built = Pair(node, dialer, Heartbeats(peer_id), FakePipe(1, dialer), FakePipe(2))
     node._on_pipe_connect(built.ours)
     node._handle_batch([built.peer.on(built.ours)])
@@ -78,14 +78,14 @@ def test_a_pipe_whose_first_frame_beats_its_connect_callback_still_counts() -> N
     p = pair(SMALLER, LARGER)
     # The peer's own pipe delivers a frame before nng has run our connect callback for it.
     p.node._handle_batch([p.peer.on(p.theirs)])
-    assert p.node._peers[LARGER].pipes == {1}
+    assert p.node._table.peers[LARGER].pipes == {1}
     assert not p.dialer.closed
     p.node._on_pipe_connect(p.theirs)
     p.node._handle_batch([p.peer.on(p.theirs)])
-    assert p.node._peers[LARGER].pipes == {1, 2}
+    assert p.node._table.peers[LARGER].pipes == {1, 2}
     # Both pipes of the pair are up: the smaller id hangs up its own dialer.
     assert p.dialer.closed
-    assert p.node._parked == {ADDRESS: LARGER}
+    assert p.node._links.parked == {ADDRESS: LARGER}
 
 
 def test_a_pipe_already_gone_is_not_counted() -> None:
@@ -93,7 +93,7 @@ def test_a_pipe_already_gone_is_not_counted() -> None:
     p.node._on_pipe_connect(p.theirs)
     p.node._on_pipe_remove(p.theirs)
     p.node._handle_batch([p.peer.on(p.theirs)])  # a frame nng had queued before the pipe went
-    assert p.node._peers[LARGER].pipes == {1}
+    assert p.node._table.peers[LARGER].pipes == {1}
     assert not p.dialer.closed
 
 
@@ -101,6 +101,6 @@ def test_the_larger_id_keeps_its_dialer() -> None:
     p = pair(LARGER, SMALLER)
     p.node._on_pipe_connect(p.theirs)
     p.node._handle_batch([p.peer.on(p.theirs)])
-    assert p.node._peers[SMALLER].pipes == {1, 2}
+    assert p.node._table.peers[SMALLER].pipes == {1, 2}
     assert not p.dialer.closed
-    assert p.node._parked == {}
+    assert p.node._links.parked == {}

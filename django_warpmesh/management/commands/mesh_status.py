@@ -284,7 +284,7 @@ class Observer:
                 changed.clear()
         finally:
             for request_id in request_ids:
-                node._stats_waiters.pop(request_id, None)
+                node.cancel_stats_request(request_id)
             with lock:
                 _note_dialed(node.peers(), replies)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pynng
 
-from django_warpmesh.conf import TLSSettings
+from django_warpmesh.node.config import TLSSettings
 
 SCHEME = "tls+tcp"
 _TLS_CONFIG = b"tls-config"  # NNG_OPT_TLS_CONFIG
@@ -101,8 +101,8 @@ class TLSTransport:
 
 
 def _read(key: str, path: str) -> str:
-    # conf.py checked the files when the settings were parsed; they may have changed since.
-    # The error names the setting, never the key file's path.
+    # django_warpmesh.conf checked the files when the settings were parsed; they may have
+    # changed since. The error names the setting, never the key file's path.
     try:
         with open(path, encoding="ascii", errors="replace") as file:
             return file.read()

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from django_warpmesh import protocol
+from django_warpmesh.node import stats
 from django_warpmesh.protocol import Op, OpCode
 
 if TYPE_CHECKING:
-    from django_warpmesh.node import Store
+    from django_warpmesh.node.interfaces import Store
 
 logger = logging.getLogger("django_warpmesh")
 
@@ -336,18 +337,15 @@ class RelayedNode:
         pass  # publish() already wrote to the parent
 
     def snapshot(self) -> dict[str, Any]:
-        from django_warpmesh.node import NullNode
-
-        stats = NullNode(self.reason, self.max_timeout).snapshot()
-        stats.update(
+        snapshot = stats.alone_snapshot(self.reason, degraded=self.max_timeout is not None)
+        snapshot.update(
             enabled=not self._gone,
             ready=self.ready,
-            degraded=self.max_timeout is not None,
             relayed_by=self.parent_pid,
             invalidations_sent=self.invalidations_sent,
             invalidations_received=self.invalidations_received,
         )
-        return stats
+        return snapshot
 
     def stop(self, timeout: float = 2.0) -> None:
         """Hand what is still buffered to the parent (bounded), then close."""

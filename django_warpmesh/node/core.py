@@ -1,22 +1,26 @@
-"""The mesh node: one per process, one nng ``Bus0`` socket, three threads.
+"""The mesh node: one per process, one nng ``Bus0`` socket, the frame pipeline, three threads.
 
-* ``publish()`` (request threads) appends to a bounded in-memory queue; it never blocks.
-* The **sender** thread drains the queue, coalesces, numbers and sends INVALIDATE frames, and
-  sends heartbeats, goodbyes and stats replies. It is the only thread that sends on the socket.
-* The **receiver** thread verifies frames, drops duplicates and replays, detects sequence gaps
-  (flushing the caches they may have made stale), and applies invalidations in bulk.
+The frame pipeline is driven by whichever thread gets there first:
+
+* **deliver** (encode and send): ``publish()`` appends to a bounded in-memory queue and never
+  blocks; ``deliver()``, on the writing thread, takes the send lock without waiting and sends
+  what is queued. If another thread is sending, that send (or the **sender** thread, woken for
+  it) takes it. The sender thread also sends heartbeats, goodbyes and stats replies.
+* **drain** (take, verify, apply): ``drain()``, on a reading thread before its read, or the
+  **receiver** thread when the process is idle, takes every frame waiting on the socket,
+  verifies it, drops duplicates and replays, tracks sequence numbers (:mod:`.peers`: a gap
+  flushes the caches it may have made stale) and applies invalidations in bulk. The receiver's
+  tick runs the gap grace, liveness and the start-up window.
 * The **maintenance** thread runs peer discovery (database or static list) and dials a peer
-  again when the pipe that peer opened to us goes; it may block on the database, which is why
-  it is alone.
+  again when the pipe that peer opened to us goes (:mod:`.links`); it may block on the
+  database, which is why it is alone.
 
-Nothing here knows Django's cache: caches register a :class:`Store` per cache name.
+Nothing here knows Django or its cache: caches register a :class:`.Store` per cache name.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -25,43 +29,40 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pynng
 
 from django_warpmesh import protocol
-from django_warpmesh.conf import MeshSettings, format_address, parse_address
+from django_warpmesh.node import stats
+from django_warpmesh.node.config import MeshSettings, format_address, parse_address
+from django_warpmesh.node.interfaces import DiscoveryError, PeerRegistry, Store
+from django_warpmesh.node.links import Links
+from django_warpmesh.node.ops import coalesce, single_op
+from django_warpmesh.node.peers import LIVENESS_HEARTBEATS, Epoch, Peer, PeerTable, Seq
+from django_warpmesh.node.relay import RelayHub, wire_op
+from django_warpmesh.node.tls import TLSTransport
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
-from django_warpmesh.relay import RelayedNode, RelayHub, wire_op
-from django_warpmesh.tls import TLSTransport
 
 logger = logging.getLogger("django_warpmesh")
 
-# How long a sequence number may stay missing before we call it lost. Frames of one origin can
-# arrive out of order when two pipes join the same pair of nodes (both dialled each other).
-GAP_GRACE = 0.05
-# A peer heard from within this many heartbeats counts as alive.
-LIVENESS_HEARTBEATS = 3
+# What the receive path compares each frame's verdicts with, as plain globals: an enum member
+# costs more to look up, once per frame.
+_RESTARTED, _REPLAYED = Epoch.RESTARTED, Epoch.REPLAYED
+_NEXT, _MISSED, _GAP, _DUPLICATE = Seq.NEXT, Seq.MISSED, Seq.GAP, Seq.DUPLICATE
+
 # Receiver: how many frames to take off the socket before applying them in one go.
 RECV_BATCH = 512
-# Missing seqs tracked per peer before a gap is declared at once instead of waited on.
-MAX_MISSING = 4096
 # The receiver's tick (gap grace, liveness, readiness): how long it waits for a frame before
 # checking anyway, while something is pending and while idle.
 TICK_FAST_MS = 50
 TICK_IDLE_MS = 250
 # Tags of recently accepted frames remembered, to drop the copy from the second pipe cheaply.
 RECENT_TAGS = 8192
-# Peers (alive or remembered for their sequence numbers) kept at most.
-MAX_PEERS = 4096
 # Largest body of one frame the sender builds (less when MAX_FRAME_BYTES is smaller): small
 # frames keep one slow peer's share of the socket buffer small.
 FRAME_BODY_BUDGET = 256 * 1024
-# Entry lifetime cap of a process whose mesh could not even be configured.
-FALLBACK_TIMEOUT = 5.0
-# Repeated events (rejected frames, gaps): at most one log line per kind per this many seconds.
-LOG_EVERY = 60.0
 # Failed discovery syncs in a row after which the node counts as degraded (entries capped): a
 # peer that joined meanwhile cannot be found, and one failure may be a blip.
 DISCOVERY_FAILURES_DEGRADED = 2
@@ -72,20 +73,6 @@ DELIVER_ROUNDS = 4
 SENDER_GRACE = 1.0
 # Longest wait between two discovery attempts while they fail (they back off from the interval).
 DISCOVERY_MAX_BACKOFF = 60.0
-
-
-class DiscoveryError(Exception):
-    """A registry could not sync; the message says why, for logs, stats and ``mesh_status``.
-
-    ``alone``: the failure itself shows that no peer can have registered (the peer table does
-    not exist yet), so a starting node has nobody to wait for. ``quiet``: expected here (a
-    migration command), not worth a warning.
-    """
-
-    def __init__(self, reason: str, *, alone: bool = False, quiet: bool = False) -> None:
-        super().__init__(reason)
-        self.alone = alone
-        self.quiet = quiet
 
 
 class Wakeup:
@@ -138,129 +125,6 @@ class _Readable:
         return bool(self._poll.poll(timeout_ms))
 
 
-class Store(Protocol):
-    """A cache's storage as the node sees it. Implemented by :mod:`django_warpmesh.cache`."""
-
-    def apply(self, ops: Sequence[Op]) -> None: ...
-
-    def flush(self) -> None: ...
-
-
-class PeerRegistry(Protocol):
-    """Where peer addresses come from: the database table, or the static ``PEERS`` list."""
-
-    description: str
-
-    def initial(self) -> list[str] | None:
-        """Addresses known without waiting (a static list), or None."""
-
-    def sync(self, node: MeshNode) -> Iterable[str] | None:
-        """Announce ourselves and return the addresses to connect to (None: keep the current).
-
-        Raises :class:`DiscoveryError` when it cannot; the node backs off and retries.
-        """
-
-    def leave(self, node: MeshNode) -> None: ...
-
-
-@dataclasses.dataclass
-class Peer:
-    node_id: bytes
-    epoch: int = 0
-    address: str = ""
-    # The address we dialled it by, when that differs from the one it advertises (a proxy,
-    # NAT, a DNS name): what PEERS or the peer table call it.
-    dialed_as: str = ""
-    highest: int | None = None
-    missing: dict[int, float] = dataclasses.field(default_factory=dict)
-    pipes: set[int] = dataclasses.field(default_factory=set)
-    last_heard: float = 0.0
-    heard_ns: int = 0  # the sent_ns of its last heartbeat, echoed back to measure the RTT
-    heard_at_ns: int = 0
-    latency_ms: float | None = None
-    alive: bool = False
-    observer: bool = False
-    invalidations_received: int = 0
-    gaps_detected: int = 0
-    remote_stats: dict[str, Any] | None = None
-    # "connected" not logged yet since it came alive: waits a few heartbeats for the latency.
-    announce: bool = False
-    announce_heartbeats: int = 0
-
-    @property
-    def hex_id(self) -> str:
-        return self.node_id.hex()
-
-
-@dataclasses.dataclass
-class Counters:
-    invalidations_sent: int = 0
-    invalidations_received: int = 0
-    frames_sent: int = 0
-    frames_received: int = 0
-    keys_sent: int = 0
-    keys_received: int = 0
-    gaps_detected: int = 0
-    flushes: int = 0
-    peers_lost: int = 0
-    duplicates: int = 0
-    queue_overflows: int = 0
-    send_errors: int = 0
-    frames_rejected: int = 0
-    rejected_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
-
-
-class NullNode:
-    """The node of a process that caches alone: mesh disabled, unavailable, or unusable."""
-
-    enabled = False
-    ready = True
-    max_timeout: float | None = None
-
-    def __init__(self, reason: str, max_timeout: float | None = None) -> None:
-        self.reason = reason
-        self.max_timeout = max_timeout
-        self.pid = os.getpid()
-
-    def register_store(self, name: str, store: Store) -> None:
-        pass
-
-    def store_names(self) -> list[str]:
-        return []
-
-    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
-        pass
-
-    def deliver(self) -> None:
-        pass
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "enabled": False,
-            "reason": self.reason,
-            "node_id": None,
-            "peer_id": None,
-            "address": None,
-            "ready": True,
-            "degraded": self.max_timeout is not None,
-            "discovery_error": None,
-            "discovery_failures": 0,
-            "listen_error": None,
-            "relayed_pids": [],
-            "peers": [],
-            **dict.fromkeys(_COUNTER_NAMES, 0),
-            "rejected_by_reason": {},
-        }
-
-    def stop(self) -> None:
-        pass
-
-
-_COUNTER_NAMES = tuple(
-    field.name for field in dataclasses.fields(Counters) if field.name != "rejected_by_reason"
-)
-
-
 class MeshNode:
     enabled = True
 
@@ -281,13 +145,14 @@ class MeshNode:
         self.pid = os.getpid()
         self.started_at = time.time()
         self.codec = protocol.Codec(key, max_frame_bytes=config.max_frame_bytes)
-        self.counters = Counters()
+        self.counters = stats.Counters()
         self.address = ""
         self.listen_error: str | None = None
         self.max_timeout: float | None = None
         self.degraded = False
         self.ready = False
         self._clock = clock
+        self._log = stats.EventLog(clock)
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()  # guards the queue, peers and pipes; never held over nng
         self._queue: list[tuple[str, OpCode, Any]] = []
@@ -313,19 +178,9 @@ class MeshNode:
         self._bye_acks: set[bytes] = set()
         self._bye_acked = threading.Event()
         self._seq = 0
-        self._peers: dict[bytes, Peer] = {}
-        self._pipe_owner: dict[int, bytes] = {}
-        self._pipe_dialed: dict[int, str] = {}  # our dialled pipes: id -> the address dialled
-        # Both sides dial, so two pipes join each pair and every frame would cross twice. Once
-        # both pipes are up, the node with the smaller id hangs up its own dialer ("parks" the
-        # address); it dials again if the other side's pipe goes.
-        self._parked: dict[str, bytes] = {}  # address -> the node whose pipe carries the link
-        self._unpark: set[str] = set()
-        self._closing: list[Any] = []  # dialers to close once the lock is released
+        self._table = PeerTable(clock, liveness=LIVENESS_HEARTBEATS * config.heartbeat)
+        self._links = Links(self._lock, self._table, self._log.once)
         self._maintain = Wakeup()
-        self._live_pipes: set[int] = set()
-        self._self_pipes: set[int] = set()
-        self._dialers: dict[str, Any] = {}
         self._expected: set[str] | None = None  # addresses we know of; None: not known yet
         self._ready_deadline = 0.0
         # Why the last discovery sync failed (None: it worked), and how many failed in a row.
@@ -336,9 +191,7 @@ class MeshNode:
         self._outbox: list[tuple[Kind, Any]] = []
         self._stats_waiters: dict[int, Callable[[bytes, dict[str, Any]], None]] = {}
         self._threads: list[threading.Thread] = []
-        self._logged_once: set[str] = set()
         self._recent_tags: OrderedDict[bytes, bytes] = OrderedDict()
-        self._log_limits: dict[str, _Limited] = {}
         self._socket: Any = None
         self._hub: RelayHub | None = None  # children forked after the socket opened
         self._tls: TLSTransport | None = None  # WARPMESH['TLS']: tls+tcp:// endpoints
@@ -360,6 +213,7 @@ class MeshNode:
             reconnect_time_min=50,
             reconnect_time_max=1000,
         )
+        self._links.open(self._socket, self._tls)
         if config.drain_on_read and hasattr(select, "poll"):
             self._recv_poll = select.poll()
             self._recv_poll.register(self._socket.recv_fd, select.POLLIN)
@@ -402,7 +256,7 @@ class MeshNode:
 
     def _listen(self) -> int:
         config = self.config
-        scheme = "tcp" if self._tls is None else self._tls.scheme
+        scheme = self._links.scheme
         ports = [0] if config.port == 0 else range(config.port, config.port + config.port_range)
         last_error: Exception | None = None
         for port in ports:
@@ -565,79 +419,28 @@ class MeshNode:
         with self._lock:
             first = self._expected is None
             self._expected = wanted
-            current = dict(self._dialers)
-            for address in set(self._parked) - wanted:
-                del self._parked[address]
-            parked = set(self._parked)
-        for address in wanted - current.keys() - parked:
-            self._dial(address)
-        for address in current.keys() - wanted:
-            dialer = self._dialers.pop(address, None)
-            if dialer is not None:
-                with contextlib.suppress(Exception):
-                    dialer.close()
+        self._links.set_addresses(wanted)
         if first:
             # The start-up window now lasts until those peers answer or the wait runs out.
             self._ready_deadline = self._clock() + self.config.effective_startup_wait
         self._check_ready()
 
-    def _dial(self, address: str) -> None:
-        scheme = "tcp" if self._tls is None else self._tls.scheme
-        try:
-            host, port = parse_address("PEERS", address)
-            url = f"{scheme}://{format_address(host, port)}"
-            self._dialers[address] = (
-                self._socket.dial(url, block=False)
-                if self._tls is None
-                else self._tls.dial(self._socket, url, host)
-            )
-        except Exception as exc:
-            self._log_once(f"dial:{address}", "mesh: cannot dial %s: %s", address, exc)
-
-    def _dialed_address(self, pipe: Any) -> str:
-        """The address we dialled to open ``pipe`` ("" for a pipe a peer opened to us)."""
-        try:
-            dialer = pipe.dialer
-        except Exception:
-            return ""
-        if dialer is None:
-            return ""
-        for address, candidate in list(self._dialers.items()):
-            if candidate is dialer or getattr(candidate, "id", None) == getattr(dialer, "id", -1):
-                return address
-        return ""
-
     def _on_pipe_connect(self, pipe: Any) -> None:
         # Runs on an nng thread holding nng's lock: touch only our own state.
-        with self._lock:
-            self._live_pipes.add(pipe.id)
+        self._links.connected(pipe.id)
         self._heartbeat_now.set()
         self._wake.set()
 
     def _on_pipe_remove(self, pipe: Any) -> None:
-        with self._lock:
-            self._live_pipes.discard(pipe.id)
-            self._self_pipes.discard(pipe.id)
-            owner = self._pipe_owner.pop(pipe.id, None)
-            self._pipe_dialed.pop(pipe.id, None)
-            peer = self._peers.get(owner) if owner is not None else None
-            if peer is None:
-                return
-            peer.pipes.discard(pipe.id)
-            if peer.pipes:
-                return
-            # The pipe that carried a parked link went: dial that peer ourselves again.
-            unpark = {a for a, node_id in self._parked.items() if node_id == owner}
-            self._unpark |= unpark
-        if unpark:
-            self._maintain.set()
+        if self._links.removed(pipe.id):
+            self._maintain.set()  # a parked link went: the maintenance thread dials again
 
     def _check_ready(self) -> None:
         if self.ready:
             return
         with self._lock:
             expected = self._expected
-            heard = {a for p in self._peers.values() if p.alive for a in (p.address, p.dialed_as)}
+            heard = self._table.alive_addresses()
         timed_out = self._clock() >= self._ready_deadline
         if expected is None:
             if timed_out:
@@ -716,7 +519,7 @@ class MeshNode:
             queue, self._queue = self._queue, []
             overflowed, self._overflowed = self._overflowed, set()
         if len(queue) == 1 and not overflowed:
-            op = _single_op(*queue[0])
+            op = single_op(*queue[0])
             if op is not None:
                 # The common case of a write sent at once: nothing to merge or to split.
                 self._send_invalidate([op])
@@ -740,7 +543,7 @@ class MeshNode:
                     try:
                         ops = coalesce([e for e in queue if e[0] == alias], overflowed & {alias})
                     except Exception:
-                        self._log_once("coalesce", "mesh: cannot coalesce invalidations; clearing")
+                        self._log.once("coalesce", "mesh: cannot coalesce invalidations; clearing")
                         ops = [Op(alias, OpCode.CLEAR, None)]
                     try:
                         chunks += protocol.split_ops(ops, budget)
@@ -758,9 +561,7 @@ class MeshNode:
 
     def _send_bye(self) -> None:
         with self._lock:
-            self._bye_recipients = {
-                peer.node_id for peer in self._peers.values() if peer.alive and not peer.observer
-            }
+            self._bye_recipients = self._table.alive_members()
         self._send(Kind.BYE, None)
         self._bye_sent.set()
         self._check_bye_acked()
@@ -782,7 +583,7 @@ class MeshNode:
             # encode: tell peers to drop that whole cache instead.
             if not isinstance(exc, protocol.ProtocolError):
                 self.counters.send_errors += 1
-                self._log_once(
+                self._log.once(
                     "encode",
                     "mesh: cannot encode an invalidation (%r); peers clear that cache instead",
                     exc,
@@ -810,7 +611,7 @@ class MeshNode:
             return False
         except pynng.NNGException as exc:
             self.counters.send_errors += 1
-            self._log_once("send", "mesh: send failed (%s); peers will see a gap and flush", exc)
+            self._log.once("send", "mesh: send failed (%s); peers will see a gap and flush", exc)
             return False
         self.counters.frames_sent += 1
         return True
@@ -818,11 +619,7 @@ class MeshNode:
     def _send_heartbeat(self) -> None:
         now_ns = time.monotonic_ns()
         with self._lock:
-            echo = tuple(
-                (peer.node_id, peer.heard_ns, now_ns - peer.heard_at_ns)
-                for peer in self._peers.values()
-                if peer.alive and peer.heard_ns
-            )
+            echo = self._table.echo(now_ns)
         heartbeat = Heartbeat(self.address, now_ns, echo, self.observer)
         self._send(Kind.HEARTBEAT, protocol.heartbeat_body(heartbeat))
 
@@ -903,7 +700,7 @@ class MeshNode:
     def _tick_every_ms(self) -> int:
         # Often only while something is pending (a missing frame's grace period, the start-up
         # window): an idle mesh then wakes 4 times a second, not 20.
-        if not self.ready or any(peer.missing for peer in list(self._peers.values())):
+        if not self.ready or self._table.any_missing():
             return TICK_FAST_MS
         return TICK_IDLE_MS
 
@@ -921,7 +718,7 @@ class MeshNode:
             origin = recent.get(tag)
             if origin is not None:
                 self.counters.duplicates += 1
-                self._bind_pipe(message.pipe, origin)
+                self._links.bind(message.pipe, origin, self.node_id)
                 continue
             try:
                 frame = self.codec.decode(data)
@@ -940,42 +737,40 @@ class MeshNode:
                 store.apply(ops)
         if self._hub is not None and by_alias:
             self._hub.forward_ops([op for ops in by_alias.values() for op in ops])
-        if self._closing:
-            self._close_parked_dialers()
+        if self._links.closing:
+            self._links.close_parked_dialers()
 
     def _reject(self, reason: str) -> None:
         self.counters.frames_rejected += 1
         self.counters.rejected_by_reason[reason] += 1
-        self._log_limited(f"reject:{reason}", "mesh: rejected a frame (%s)", reason)
+        self._log.limited(f"reject:{reason}", "mesh: rejected a frame (%s)", reason)
 
     def _accept(self, frame: Frame, pipe: Any, now: float, by_alias: dict[str, list[Op]]) -> bool:
         """Check one verified frame; queue its ops. Returns True if caches must be flushed."""
         origin = frame.origin
         if origin == self.node_id:
-            self._self_pipes.add(pipe.id)
-            self._close_self_dialer(pipe)
+            self._links.from_self(pipe)
             return False
+        table = self._table
         with self._lock:
-            owner = self._bind_pipe_locked(pipe, origin)
+            owner = self._links.bind_locked(pipe, origin, self.node_id)
             if owner != origin:
                 # An authenticated peer speaking for another node on its own pipe.
                 self._reject("foreign_origin")
                 return False
-            peer = self._peers.get(origin)
+            peer = table.peers.get(origin)
             if peer is None:
-                peer = self._new_peer(origin)
-        if frame.epoch < peer.epoch:
-            self._reject("replayed")
-            return False
+                peer = table.add(origin)
         flush = False
-        if frame.epoch > peer.epoch:
-            if peer.highest is not None:
-                # Same id, new epoch: it restarted. What it sent before we cannot know.
-                flush = True
-            peer.epoch, peer.highest, peer.missing = frame.epoch, None, {}
-            peer.heard_ns = 0
+        if frame.epoch != peer.epoch:
+            epoch = table.enter_epoch(peer, frame.epoch)
+            if epoch is _REPLAYED:
+                self._reject("replayed")
+                return False
+            # A new epoch of a peer that had sent: it restarted. What it sent before is unknown.
+            flush = epoch is _RESTARTED
         kind = frame.kind
-        if not self._is_fresh(peer, frame):
+        if not table.is_fresh(peer, frame):
             # A copy of a frame already seen (another pipe, or a replay by someone who captured
             # it): it must not make a silent peer look alive.
             self.counters.duplicates += 1
@@ -985,15 +780,15 @@ class MeshNode:
             # but don't count a node that has not introduced itself as a live peer.
             self._on_stats_request(peer, frame.body)
             return flush
-        was_alive = peer.alive
+        was_alive = table.heard(peer, now)
         if not was_alive:
             peer.announce, peer.announce_heartbeats, peer.latency_ms = True, 0, None
-        peer.last_heard = now
-        peer.alive = True
         if kind is Kind.INVALIDATE:
             flush |= self._track_invalidate(peer, frame.seq, now, by_alias, frame.body)
         else:
-            flush |= self._track_seq(peer, frame.seq, now)
+            verdict = table.track_seq(peer, frame.seq, self.ready, now)
+            if verdict is not _NEXT:
+                flush |= verdict is _MISSED or (verdict is _GAP and self._gap(peer))
             if kind is Kind.HEARTBEAT:
                 self._on_heartbeat(peer, frame.body, was_alive)
             elif kind is Kind.BYE:
@@ -1006,87 +801,6 @@ class MeshNode:
                 self._on_bye_ack(peer, frame.body)
         return flush
 
-    def _bind_pipe(self, pipe: Any, origin: bytes) -> None:
-        with self._lock:
-            self._bind_pipe_locked(pipe, origin)
-
-    def _bind_pipe_locked(self, pipe: Any, origin: bytes) -> bytes:
-        """The node a pipe speaks for: the first authenticated origin seen on it."""
-        pipe_id = pipe.id
-        owner = self._pipe_owner.get(pipe_id)
-        if owner is None:
-            self._pipe_owner[pipe_id] = owner = origin
-            peer = self._peers.get(origin) or self._new_peer(origin)
-            dialed_as = self._dialed_address(pipe)
-            if dialed_as:
-                peer.dialed_as = dialed_as
-        # Counted among the peer's pipes once nng has reported it connected: its first frames
-        # can arrive before that callback has run, and one already gone must not be counted.
-        if owner == origin and pipe_id in self._live_pipes:
-            peer = self._peers.get(origin) or self._new_peer(origin)
-            if pipe_id not in peer.pipes:
-                peer.pipes.add(pipe_id)
-                dialed_as = self._dialed_address(pipe)
-                if dialed_as:
-                    self._pipe_dialed[pipe_id] = dialed_as
-                self._park_duplicate_link(peer)
-        return owner
-
-    def _park_duplicate_link(self, peer: Peer) -> None:
-        """Hang up our dialer to ``peer`` when its own pipe to us already joins the pair."""
-        if self.node_id > peer.node_id:
-            return  # the larger id keeps its dialer: exactly one side yields
-        dialed = {self._pipe_dialed[p] for p in peer.pipes if p in self._pipe_dialed}
-        if not dialed or len(dialed) == len(peer.pipes):
-            return  # no pipe of its own to us (yet)
-        for address in dialed:
-            dialer = self._dialers.pop(address, None)
-            if dialer is not None:
-                self._parked[address] = peer.node_id
-                self._closing.append(dialer)
-
-    def _close_parked_dialers(self) -> None:
-        with self._lock:
-            closing, self._closing = self._closing, []
-        for dialer in closing:
-            with contextlib.suppress(Exception):
-                dialer.close()
-
-    def _dial_unparked(self) -> None:
-        with self._lock:
-            unpark, self._unpark = self._unpark, set()
-            addresses = [a for a in unpark if self._parked.pop(a, None) is not None]
-        for address in addresses:
-            if address not in self._dialers:
-                self._dial(address)
-
-    @staticmethod
-    def _is_fresh(peer: Peer, frame: Frame) -> bool:
-        if frame.kind is Kind.INVALIDATE:
-            highest = peer.highest
-            return highest is None or frame.seq > highest or frame.seq in peer.missing
-        if frame.kind is Kind.HEARTBEAT:
-            # Stamped with the sender's monotonic clock: a replayed heartbeat is an old one.
-            sent_ns = frame.body.sent_ns if isinstance(frame.body, Heartbeat) else 0
-            return sent_ns > peer.heard_ns
-        return True
-
-    def _new_peer(self, origin: bytes) -> Peer:
-        if len(self._peers) >= MAX_PEERS:
-            stale = min(
-                (p for p in self._peers.values() if not p.alive),
-                key=lambda p: p.last_heard,
-                default=None,
-            )
-            if stale is not None:
-                del self._peers[stale.node_id]
-        peer = self._peers[origin] = Peer(origin)
-        return peer
-
-    def _first_contact_needs_flush(self, seq: int) -> bool:
-        # A node that is still in its start-up window holds nothing it could have missed.
-        return seq > 0 and self.ready
-
     def _track_invalidate(
         self,
         peer: Peer,
@@ -1095,19 +809,13 @@ class MeshNode:
         by_alias: dict[str, list[Op]],
         ops: list[Op],
     ) -> bool:
+        verdict = self._table.track_invalidate(peer, seq, self.ready, now)
         flush = False
-        highest = peer.highest
-        if highest is None:
-            flush = self._first_contact_needs_flush(seq - 1)
-            peer.highest = seq
-        elif seq == highest + 1:
-            peer.highest = seq
-        elif seq > highest:
-            flush = self._note_missing(peer, highest + 1, seq, now)
-            peer.highest = seq
-        elif peer.missing.pop(seq, None) is None:
-            self.counters.duplicates += 1
-            return False
+        if verdict is not _NEXT:
+            if verdict is _DUPLICATE:
+                self.counters.duplicates += 1
+                return False
+            flush = verdict is _MISSED or (verdict is _GAP and self._gap(peer))
         self.counters.invalidations_received += len(ops)
         peer.invalidations_received += len(ops)
         for op in ops:
@@ -1115,29 +823,10 @@ class MeshNode:
             by_alias[op.alias].append(op)
         return flush
 
-    def _track_seq(self, peer: Peer, seq: int, now: float) -> bool:
-        """Non-invalidate frames carry the sender's latest seq without consuming one."""
-        highest = peer.highest
-        if highest is None:
-            peer.highest = seq
-            return self._first_contact_needs_flush(seq)
-        if seq > highest:
-            peer.highest = seq
-            return self._note_missing(peer, highest + 1, seq + 1, now)
-        return False
-
-    def _note_missing(self, peer: Peer, first: int, end: int, now: float) -> bool:
-        if end - first + len(peer.missing) > MAX_MISSING:
-            peer.missing.clear()
-            return self._gap(peer)
-        for seq in range(first, end):
-            peer.missing[seq] = now
-        return False
-
     def _gap(self, peer: Peer) -> bool:
         self.counters.gaps_detected += 1
         peer.gaps_detected += 1
-        self._log_limited(
+        self._log.limited(
             f"gap:{peer.hex_id}",
             "mesh: gap detected from %s (%s): frames were lost, flushing the mesh caches (%s)",
             peer.hex_id,
@@ -1185,7 +874,7 @@ class MeshNode:
     def _on_bye(self, peer: Peer) -> None:
         if not peer.observer:
             logger.info("mesh: peer %s (%s) left", peer.hex_id, peer.address)
-        peer.alive = False
+        self._table.left(peer)
         if not self.observer and not self._leaving:
             # Everything it sent before its goodbye has been received: it may exit now.
             with self._lock:
@@ -1212,30 +901,15 @@ class MeshNode:
         if waiter is not None:
             waiter(peer.node_id, reply.stats)
 
-    def _close_self_dialer(self, pipe: Any) -> None:
-        with contextlib.suppress(Exception):
-            dialer = pipe.dialer
-            for address, candidate in list(self._dialers.items()):
-                if candidate is dialer:
-                    del self._dialers[address]
-                    logger.info("mesh: %s is this process itself; not dialling it", address)
-                    dialer.close()
-
     def _tick(self) -> None:
         """Periodic checks, run by the receiver between batches: at least every 50 ms while a
         frame is missing or the start-up window is open, every 250 ms otherwise."""
         now = self._clock()
-        flush = False
-        lost: list[Peer] = []
-        liveness = LIVENESS_HEARTBEATS * self.config.heartbeat
         with self._lock:
-            for peer in self._peers.values():
-                if peer.missing and now - min(peer.missing.values()) > GAP_GRACE:
-                    peer.missing.clear()
-                    flush |= self._gap(peer)
-                if peer.alive and now - peer.last_heard > liveness:
-                    peer.alive = False
-                    lost.append(peer)
+            gaps, lost = self._table.expire(now)
+        flush = False
+        for peer in gaps:
+            flush |= self._gap(peer)
         for peer in lost:
             if not peer.observer:
                 # Whatever it sent since it was last heard may be lost with no later frame to
@@ -1249,7 +923,7 @@ class MeshNode:
         self._update_degraded()
         if flush:
             self._flush_all()
-        self._flush_log_limits(now)
+        self._log.flush(now)
         self._check_ready()
 
     def _update_degraded(self) -> None:
@@ -1257,9 +931,7 @@ class MeshNode:
         discovery fails (a peer we do not know of may exist): see docs/consistency.md."""
         with self._lock:
             expected = self._expected or set()
-            reachable = {
-                a for p in self._peers.values() if p.alive for a in (p.address, p.dialed_as)
-            }
+            reachable = self._table.alive_addresses()
         self.degraded = bool(expected - reachable) or (
             self.discovery_failures >= DISCOVERY_FAILURES_DEGRADED
         )
@@ -1277,7 +949,7 @@ class MeshNode:
             try:
                 if self._clock() >= next_sync:
                     next_sync = self._clock() + self._sync()
-                self._dial_unparked()
+                self._links.dial_unparked()
             except Exception:
                 logger.exception("mesh: maintenance error (continuing)")
             self._maintain.wait(max(0.0, next_sync - self._clock()))
@@ -1347,43 +1019,29 @@ class MeshNode:
             self._outbox.append((Kind.STATS_REQUEST, request_id))
         self._wake.set()
 
+    def cancel_stats_request(self, request_id: int) -> None:
+        """Stop passing on replies to ``request_id`` (late ones are then ignored)."""
+        self._stats_waiters.pop(request_id, None)
+
     def peers(self) -> list[Peer]:
         with self._lock:
-            return [peer for peer in self._peers.values() if not peer.observer]
+            return self._table.members()
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last invalidation frame: how many this node numbered."""
+        return self._seq
+
+    @property
+    def queued(self) -> int:
+        """Invalidations queued and not taken by a send yet."""
+        return len(self._queue)
 
     def snapshot(self) -> dict[str, Any]:
         counters = self.counters
         with self._lock:
             expected = set(self._expected or ())
-            peers = [p for p in self._peers.values() if not p.observer]
-        rows = []
-        for peer in sorted(peers, key=lambda p: p.address):
-            if not peer.alive and not {peer.address, peer.dialed_as} & expected:
-                continue
-            rows.append(
-                {
-                    "id": peer.hex_id,
-                    "address": peer.address,
-                    "connected": peer.alive,
-                    "latency_ms": peer.latency_ms,
-                    "invalidations_received": peer.invalidations_received,
-                    "gaps_detected": peer.gaps_detected,
-                    "last_heard_s": round(self._clock() - peer.last_heard, 3),
-                }
-            )
-        known = {row["address"] for row in rows} | {peer.dialed_as for peer in peers}
-        for address in sorted(expected - known):
-            rows.append(
-                {
-                    "id": None,
-                    "address": address,
-                    "connected": False,
-                    "latency_ms": None,
-                    "invalidations_received": 0,
-                    "gaps_detected": 0,
-                    "last_heard_s": None,
-                }
-            )
+            peers = self._table.members()
         return {
             "enabled": True,
             "reason": "",
@@ -1401,116 +1059,9 @@ class MeshNode:
             "discovery_failures": self.discovery_failures,
             "listen_error": self.listen_error,
             "relayed_pids": self._hub.children() if self._hub is not None else [],
-            "peers": rows,
-            **{name: getattr(counters, name) for name in _COUNTER_NAMES},
-            "rejected_by_reason": dict(counters.rejected_by_reason),
+            "peers": stats.peer_rows(peers, expected, self._clock),
+            **stats.counter_values(counters),
         }
-
-    def _log_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._logged_once:
-            self._logged_once.add(key)
-            logger.warning(message, *args)
-
-    def _log_limited(self, key: str, message: str, *args: object) -> None:
-        """A warning at most once per ``LOG_EVERY`` seconds per key; repeats are summed up."""
-        now = self._clock()
-        limit = self._log_limits.get(key)
-        if limit is not None and (limit.repeats or now - limit.logged_at < LOG_EVERY):
-            limit.repeats += 1
-            limit.message, limit.args = message, args
-            self._flush_log_limits(now)  # the summed-up line, if its minute is over
-            return
-        self._log_limits[key] = _Limited(now)
-        logger.warning(message, *args)
-
-    def _flush_log_limits(self, now: float) -> None:
-        """Receiver thread: log what a limited line held back, once its minute is up."""
-        for key, limit in list(self._log_limits.items()):
-            if now - limit.logged_at < LOG_EVERY:
-                continue
-            if limit.repeats:
-                logger.warning(
-                    limit.message + " (%d more time(s) in the last %d s)",
-                    *limit.args,
-                    limit.repeats,
-                    round(now - limit.logged_at),
-                )
-                self._log_limits[key] = _Limited(now)
-            else:
-                del self._log_limits[key]
-
-
-@dataclasses.dataclass
-class _Limited:
-    logged_at: float
-    repeats: int = 0
-    message: str = ""
-    args: tuple[object, ...] = ()
-
-
-# A single op sent as it is, unsplit, when it names at most this many keys or tags.
-SINGLE_OP_MAX_ITEMS = 64
-
-
-def _single_op(alias: str, code: OpCode, arg: Any) -> Op | None:
-    """One queued op as ``coalesce`` would send it; None when it needs more (a large list)."""
-    if code is OpCode.DELETE_UNLESS:
-        key, stored = arg
-        return Op(alias, code, [[key, protocol.digest(stored)]])
-    if code is OpCode.DELETE or code is OpCode.TAGS:
-        items = list(dict.fromkeys(arg))
-        return Op(alias, code, items) if len(items) <= SINGLE_OP_MAX_ITEMS else None
-    return Op(alias, code, arg)  # CLEAR, PATTERN
-
-
-def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> list[Op]:
-    """Merge queued invalidations: a key once (its last op wins), a clear swallows its alias."""
-    # The sender's per-key loop: a write loop's throughput is bounded by it, hence the locals.
-    clear, delete, delete_unless, tags_code = (
-        OpCode.CLEAR,
-        OpCode.DELETE,
-        OpCode.DELETE_UNLESS,
-        OpCode.TAGS,
-    )
-    cleared: set[str] = set(overflowed)
-    keys: dict[str, dict[str, bytes | None]] = {}
-    tags: dict[str, dict[str, None]] = {}
-    patterns: dict[str, dict[str, None]] = {}
-    for alias, code, arg in queue:
-        if code is delete_unless and alias not in cleared:
-            alias_keys = keys.get(alias)
-            if alias_keys is None:
-                alias_keys = keys[alias] = {}
-            key, stored = arg
-            alias_keys[key] = stored
-        elif code is clear:
-            cleared.add(alias)
-            keys.pop(alias, None)
-            tags.pop(alias, None)
-            patterns.pop(alias, None)
-        elif alias in cleared:
-            # Later ops after a clear still matter only for values stored after it; a clear
-            # drops every copy on the peers, so it already covers them.
-            continue
-        elif code is delete:
-            keys.setdefault(alias, {}).update(dict.fromkeys(arg))
-        elif code is tags_code:
-            tags.setdefault(alias, {}).update(dict.fromkeys(arg))
-        else:  # OpCode.PATTERN
-            patterns.setdefault(alias, {})[arg] = None
-    ops = [Op(alias, clear, None) for alias in cleared]
-    digest = protocol.digest
-    for alias, entries in keys.items():
-        deletes = [key for key, stored in entries.items() if stored is None]
-        unless = [[key, digest(stored)] for key, stored in entries.items() if stored is not None]
-        if deletes:
-            ops.append(Op(alias, delete, deletes))
-        if unless:
-            ops.append(Op(alias, delete_unless, unless))
-    ops.extend(Op(alias, tags_code, list(names)) for alias, names in tags.items())
-    for alias, names in patterns.items():
-        ops.extend(Op(alias, OpCode.PATTERN, pattern) for pattern in names)
-    return ops
 
 
 def _advertised_address(config: MeshSettings, port: int) -> str:
@@ -1539,212 +1090,3 @@ def _default_host(bind: str) -> str:
         "Set WARPMESH['ADVERTISE'] (or WARPMESH_ADVERTISE) so other hosts can reach it."
     )
     return "127.0.0.1"
-
-
-# -- the process's node ---------------------------------------------------------------------
-
-AnyNode = MeshNode | NullNode | RelayedNode
-
-_current: AnyNode | None = None
-_current_lock = threading.Lock()
-# The pid of the process that opened an nng socket. nng cannot be used again in a process
-# forked from it (it aborts), so a forked child must not even try.
-_nng_opened_in: int | None = None
-_node_factory: Callable[[], MeshNode | NullNode] | None = None
-_existing_stores: Callable[[], Mapping[str, Store]] = dict
-# Made before a fork of a process whose node runs: the parent's end and the child's end.
-_relay_pair: tuple[socket.socket, socket.socket] | None = None
-# In a child forked after the socket opened: its end of that pair, its parent's pid, and the
-# parent's state at the fork (ready, degraded cap), which the child starts from.
-_relay_channel: tuple[socket.socket, int, bool, float | None] | None = None
-
-
-def set_node_factory(
-    factory: Callable[[], MeshNode | NullNode], stores: Callable[[], Mapping[str, Store]]
-) -> None:
-    """Installed by the cache layer, which knows the Django settings the node is built from,
-    and the stores that exist already (each node, whatever its kind, is given them)."""
-    global _node_factory, _existing_stores
-    _node_factory = factory
-    _existing_stores = stores
-
-
-def current_node() -> AnyNode | None:
-    """This process's node if one was started (or refused), without starting one."""
-    return _current
-
-
-def get_node() -> AnyNode:
-    node = _current
-    if node is not None:
-        return node
-    return _start_node()
-
-
-def _no_drain() -> None:
-    pass
-
-
-# Called by every cache read: the running node's drain() (see MeshNode.drain), or nothing.
-drain_before_read: Callable[[], None] = _no_drain
-
-
-def _start_node() -> AnyNode:
-    global _current, drain_before_read
-    with _current_lock:
-        if _current is None:
-            if _node_factory is None:
-                # No MeshCache has been imported yet, so there is nothing to keep coherent; do
-                # not remember this answer, or the first real cache use would never start it.
-                return NullNode("no MeshCache configured in this process yet")
-            _current = _make_node(_node_factory)
-            if isinstance(_current, MeshNode) and _current.config.drain_on_read:
-                drain_before_read = _current.drain
-        return _current
-
-
-def _make_node(factory: Callable[[], MeshNode | NullNode]) -> AnyNode:
-    """This process's node, given the stores that exist, started (under ``_current_lock``)."""
-    global _nng_opened_in, _relay_channel
-    node: AnyNode
-    if _nng_opened_in is not None and _nng_opened_in != os.getpid():
-        from django_warpmesh.conf import get_settings
-
-        cap = get_settings().degraded_timeout
-        if _relay_channel is not None:
-            sock, parent_pid, ready, max_timeout = _relay_channel
-            _relay_channel = None
-            logger.warning(
-                "mesh: this process was forked from pid %s after that process had opened the "
-                "mesh socket (nng cannot be used after fork): its invalidations are relayed "
-                "through that process's node. Use the cache only after the fork (gunicorn "
-                "without --preload, uWSGI lazy-apps) to give it a node of its own.",
-                parent_pid,
-            )
-            node = RelayedNode(
-                sock, parent_pid, cap or FALLBACK_TIMEOUT, ready=ready, max_timeout=max_timeout
-            )
-        else:
-            logger.error(
-                "mesh: this process was forked from one (pid %s) that had already opened the "
-                "mesh socket, and nng cannot be used after fork; caching locally only, with "
-                "entries capped at DEGRADED_TIMEOUT, and writes here reach no other instance. "
-                "Do not use the cache before the fork (e.g. in gunicorn --preload at import "
-                "time).",
-                _nng_opened_in,
-            )
-            node = NullNode("forked after the mesh socket was opened", cap)
-        _register_existing_stores(node)
-        return node
-    try:
-        node = factory()
-    except Exception as exc:
-        # Invalid settings (the settings check names the key) must not fail requests; but
-        # without a mesh, peers' writes cannot reach us: cap what we cache.
-        logger.error(
-            "mesh: cannot build the mesh node (%s); caching locally only, entries capped at %s s",
-            exc,
-            FALLBACK_TIMEOUT,
-        )
-        node = NullNode(f"cannot build the mesh node: {exc}", FALLBACK_TIMEOUT)
-    _register_existing_stores(node)
-    if isinstance(node, MeshNode):
-        _nng_opened_in = os.getpid()
-        try:
-            node.start()
-        except Exception as exc:
-            cap = node.config.degraded_timeout
-            logger.error(
-                "mesh: could not start (%s); caching locally only, entries capped at %s s",
-                exc,
-                cap,
-            )
-            with contextlib.suppress(Exception):
-                node.stop(timeout=0)
-            node = NullNode(f"could not start: {exc}", cap)
-    return node
-
-
-def _register_existing_stores(node: AnyNode) -> None:
-    for name, store in _existing_stores().items():
-        node.register_store(name, store)
-
-
-def stop_node() -> None:
-    """Stop this process's node (atexit, tests). The next cache use starts a new one."""
-    global _current, drain_before_read
-    with _current_lock:
-        node, _current = _current, None
-        drain_before_read = _no_drain
-    if node is not None and node.pid == os.getpid():
-        node.stop()
-
-
-def _before_fork() -> None:
-    global _relay_pair
-    node = _current
-    if isinstance(node, MeshNode) and node.pid == os.getpid() and node.running:
-        try:
-            _relay_pair = socket.socketpair()
-        except OSError:
-            _relay_pair = None  # out of descriptors: the child caches alone, as it says
-
-
-def _after_fork_in_parent() -> None:
-    global _relay_pair
-    pair, _relay_pair = _relay_pair, None
-    if pair is None:
-        return
-    parent_end, child_end = pair
-    child_end.close()
-    node = _current
-    if isinstance(node, MeshNode):
-        node.adopt_child(parent_end)
-    else:
-        parent_end.close()
-
-
-def _after_fork_in_child() -> None:
-    global _current, _current_lock, _relay_pair, _relay_channel, drain_before_read
-    drain_before_read = _no_drain
-    if _nng_opened_in is not None:
-        # pynng's atexit handler shuts nng down; in a child of a process that used nng it
-        # waits forever for threads that were not forked, and the child never exits.
-        with contextlib.suppress(AttributeError):
-            atexit.unregister(pynng.nng._pynng_atexit)
-    # Descriptors of the parent's relays are not ours: a copy held here would keep a sibling
-    # (or our own parent) from seeing the other end close.
-    inherited = _current.relayed_sockets() if isinstance(_current, MeshNode) else []
-    if isinstance(_current, RelayedNode):
-        inherited.append(_current.socket)
-    if _relay_channel is not None:
-        inherited.append(_relay_channel[0])
-    for sock in inherited:
-        with contextlib.suppress(OSError):
-            sock.close()
-    pair, _relay_pair = _relay_pair, None
-    _relay_channel = None
-    if pair is not None and isinstance(_current, MeshNode):
-        parent_end, child_end = pair
-        parent_end.close()
-        _relay_channel = (child_end, _current.pid, _current.ready, _current.max_timeout)
-    # The parent's node, threads and lock are not ours: forget them without touching them.
-    _current = None
-    _current_lock = threading.Lock()
-    for callback in _fork_callbacks:
-        callback()
-
-
-_fork_callbacks: list[Callable[[], None]] = []
-
-
-def on_fork_in_child(callback: Callable[[], None]) -> None:
-    _fork_callbacks.append(callback)
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
-atexit.register(stop_node)

@@ -1,0 +1,51 @@
+"""What the layer above gives a node: the stores it applies invalidations to, and the registry
+it finds its peers with (whose failures it reports as :class:`DiscoveryError`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from django_warpmesh.protocol import Op
+
+if TYPE_CHECKING:
+    from django_warpmesh.node.core import MeshNode
+
+
+class DiscoveryError(Exception):
+    """A registry could not sync; the message says why, for logs, stats and ``mesh_status``.
+
+    ``alone``: the failure itself shows that no peer can have registered (the peer table does
+    not exist yet), so a starting node has nobody to wait for. ``quiet``: expected here (a
+    migration command), not worth a warning.
+    """
+
+    def __init__(self, reason: str, *, alone: bool = False, quiet: bool = False) -> None:
+        super().__init__(reason)
+        self.alone = alone
+        self.quiet = quiet
+
+
+class Store(Protocol):
+    """A cache's storage as the node sees it. Implemented by :mod:`django_warpmesh.cache`."""
+
+    def apply(self, ops: Sequence[Op]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class PeerRegistry(Protocol):
+    """Where peer addresses come from: the database table, or the static ``PEERS`` list."""
+
+    description: str
+
+    def initial(self) -> list[str] | None:
+        """Addresses known without waiting (a static list), or None."""
+
+    def sync(self, node: MeshNode) -> Iterable[str] | None:
+        """Announce ourselves and return the addresses to connect to (None: keep the current).
+
+        Raises :class:`DiscoveryError` when it cannot; the node backs off and retries.
+        """
+
+    def leave(self, node: MeshNode) -> None: ...

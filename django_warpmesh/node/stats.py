@@ -1,0 +1,153 @@
+"""What a node counts and reports (``mesh_stats()``, stats replies), and how it logs repeats."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from django_warpmesh.node.peers import Peer
+
+logger = logging.getLogger("django_warpmesh")
+
+# Repeated events (rejected frames, gaps): at most one log line per kind per this many seconds.
+LOG_EVERY = 60.0
+
+
+@dataclasses.dataclass
+class Counters:
+    invalidations_sent: int = 0
+    invalidations_received: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+    keys_sent: int = 0
+    keys_received: int = 0
+    gaps_detected: int = 0
+    flushes: int = 0
+    peers_lost: int = 0
+    duplicates: int = 0
+    queue_overflows: int = 0
+    send_errors: int = 0
+    frames_rejected: int = 0
+    rejected_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
+
+
+COUNTER_NAMES = tuple(
+    field.name for field in dataclasses.fields(Counters) if field.name != "rejected_by_reason"
+)
+
+
+def counter_values(counters: Counters) -> dict[str, Any]:
+    """The counters as a snapshot reports them."""
+    return {
+        **{name: getattr(counters, name) for name in COUNTER_NAMES},
+        "rejected_by_reason": dict(counters.rejected_by_reason),
+    }
+
+
+def alone_snapshot(reason: str, *, degraded: bool) -> dict[str, Any]:
+    """The snapshot of a process without a mesh node of its own: nothing connected, no counts."""
+    return {
+        "enabled": False,
+        "reason": reason,
+        "node_id": None,
+        "peer_id": None,
+        "address": None,
+        "ready": True,
+        "degraded": degraded,
+        "discovery_error": None,
+        "discovery_failures": 0,
+        "listen_error": None,
+        "relayed_pids": [],
+        "peers": [],
+        **dict.fromkeys(COUNTER_NAMES, 0),
+        "rejected_by_reason": {},
+    }
+
+
+def peer_rows(
+    peers: Iterable[Peer], expected: set[str], clock: Callable[[], float]
+) -> list[dict[str, Any]]:
+    """A snapshot's ``peers``: those alive or expected, then the expected ones never heard."""
+    peers = list(peers)
+    rows = []
+    for peer in sorted(peers, key=lambda p: p.address):
+        if not peer.alive and not {peer.address, peer.dialed_as} & expected:
+            continue
+        rows.append(
+            {
+                "id": peer.hex_id,
+                "address": peer.address,
+                "connected": peer.alive,
+                "latency_ms": peer.latency_ms,
+                "invalidations_received": peer.invalidations_received,
+                "gaps_detected": peer.gaps_detected,
+                "last_heard_s": round(clock() - peer.last_heard, 3),
+            }
+        )
+    known = {row["address"] for row in rows} | {peer.dialed_as for peer in peers}
+    for address in sorted(expected - known):
+        rows.append(
+            {
+                "id": None,
+                "address": address,
+                "connected": False,
+                "latency_ms": None,
+                "invalidations_received": 0,
+                "gaps_detected": 0,
+                "last_heard_s": None,
+            }
+        )
+    return rows
+
+
+@dataclasses.dataclass
+class _Limited:
+    logged_at: float
+    repeats: int = 0
+    message: str = ""
+    args: tuple[object, ...] = ()
+
+
+class EventLog:
+    """Warnings said once per key, or at most once per ``LOG_EVERY`` seconds per key."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._logged_once: set[str] = set()
+        self._limits: dict[str, _Limited] = {}
+
+    def once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._logged_once:
+            self._logged_once.add(key)
+            logger.warning(message, *args)
+
+    def limited(self, key: str, message: str, *args: object) -> None:
+        """A warning at most once per ``LOG_EVERY`` seconds per key; repeats are summed up."""
+        now = self._clock()
+        limit = self._limits.get(key)
+        if limit is not None and (limit.repeats or now - limit.logged_at < LOG_EVERY):
+            limit.repeats += 1
+            limit.message, limit.args = message, args
+            self.flush(now)  # the summed-up line, if its minute is over
+            return
+        self._limits[key] = _Limited(now)
+        logger.warning(message, *args)
+
+    def flush(self, now: float) -> None:
+        """Receiver thread: log what a limited line held back, once its minute is up."""
+        for key, limit in list(self._limits.items()):
+            if now - limit.logged_at < LOG_EVERY:
+                continue
+            if limit.repeats:
+                logger.warning(
+                    limit.message + " (%d more time(s) in the last %d s)",
+                    *limit.args,
+                    limit.repeats,
+                    round(now - limit.logged_at),
+                )
+                self._limits[key] = _Limited(now)
+            else:
+                del self._limits[key]
