@@ -1919,7 +1919,7 @@ def test_a_local_set_still_obeys_the_start_up_window_and_the_degraded_cap(
     # Stored only where an ordinary set would be: until the node may have missed nothing, a
     # value kept here could outlive an invalidation it never received.
     fake = RecordingNode(ready=False)
-    monkeypatch.setattr(mesh_node, "_current", fake)
+    monkeypatch.setattr(process, "_current", fake)
     cache = mesh()
     cache._store.cache[":1:k"] = pickle.dumps("stale")
     cache._store.expire_info[":1:k"] = None

@@ -26,9 +26,9 @@ from cachalot.utils import _invalidate_tables, get_table_cache_key
 from django.core.checks import Warning
 
 from django_warpmesh import checks
-from django_warpmesh import node as mesh_node
 from django_warpmesh.contrib import cachalot as contrib
 from django_warpmesh.contrib.cachalot import CachalotMeshCache, cachalot_tag
+from django_warpmesh.node import process
 from django_warpmesh.protocol import Op, OpCode
 from tests.cluster import manage
 from tests.test_cache_api import RecordingNode
@@ -53,7 +53,7 @@ def loaded_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def node(monkeypatch: pytest.MonkeyPatch) -> RecordingNode:
     fake = RecordingNode()
-    monkeypatch.setattr(mesh_node, "_current", fake)
+    monkeypatch.setattr(process, "_current", fake)
     return fake
 
 
@@ -173,12 +173,12 @@ def test_the_mesh_own_tables_are_not_cached_and_start_no_node(
 ) -> None:
     # A node's exit deletes its peer row through the ORM, after it stopped: cachalot's
     # invalidation of that table must not start a node again.
-    monkeypatch.setattr(mesh_node, "_current", None)
+    monkeypatch.setattr(process, "_current", None)
     mesh = cache()
     read(mesh, ["peers"], PEERS)
     _invalidate_tables(mesh, "default", [PEERS])
     post_invalidation.send(PEERS, db_alias="default")
-    assert mesh_node.current_node() is None
+    assert process.current_node() is None
     assert stored(mesh) == {}
 
 
@@ -189,11 +189,11 @@ def test_a_migration_command_starts_no_node(
     read(mesh, ["old"], PRODUCTS)
     # `manage.py migrate` in a process whose node is not running: cachalot invalidates every
     # table of each migrated app (post_migrate), and data migrations read through it.
-    monkeypatch.setattr(mesh_node, "_current", None)
+    monkeypatch.setattr(process, "_current", None)
     monkeypatch.setattr(sys, "argv", ["manage.py", "migrate"])
     post_invalidation.send(PRODUCTS, db_alias="default")
     assert read(mesh, ["new"], PRODUCTS) == ["new"]
-    assert mesh_node.current_node() is None
+    assert process.current_node() is None
     # Applied here all the same, and nothing stored that no node would keep coherent.
     assert f":1:{table_key(PRODUCTS)}" not in stored(mesh)
     assert node.published == []

@@ -43,9 +43,9 @@ from django.apps import apps
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.signals import setting_changed
 
-from django_warpmesh import node as mesh_node
 from django_warpmesh.cache import MeshCache, invalidate_tags
 from django_warpmesh.conf import running_migration_command
+from django_warpmesh.node import process
 from django_warpmesh.tags import NAMED, table_tag
 
 BACKEND = "django_warpmesh.contrib.cachalot.CachalotMeshCache"
@@ -219,7 +219,7 @@ class CachalotMeshCache(MeshCache):
         known: dict[str, tuple[str, bool]],
     ) -> None:
         store = self._store
-        if not keep or (running_migration_command() and mesh_node.current_node() is None):
+        if not keep or (running_migration_command() and process.current_node() is None):
             # Nothing to keep; or a migration command, which must not join the mesh through
             # cachalot's reads: not stored (a miss, in a process about to exit), as no node
             # would hear what the peers send.
@@ -230,7 +230,7 @@ class CachalotMeshCache(MeshCache):
         pickled = {
             full: pickle.dumps(data[key], self.pickle_protocol) for full, key in keep.items()
         }
-        node = mesh_node.get_node()
+        node = process.get_node()
         with store.lock:
             if fill is not None and not store.close_fill(fill[2], fill[1], fill[3]):
                 return  # Something the query read was invalidated while it ran.
