@@ -262,6 +262,13 @@ def run(quick: bool) -> Section:
         " a few percent either way (a negative one included) is within its noise."
     )
     section.tables += [per_call, hooks]
+    print("  django-cachalot on each cache")
+    try:
+        from benchmarks import cachalot
+
+        section.tables += cachalot.run(quick)
+    except Exception as exc:
+        section.notes.append(f"django-cachalot not measured: {str(exc).splitlines()[0]}")
     speedups = [
         ratio(result["ns"][f"{label}|query"], result["ns"][f"{label}|hit"])
         for result in results.values()

@@ -43,10 +43,12 @@ class Worker:
         self.env = env
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
         full_env.update(
-            DJANGO_SETTINGS_MODULE="benchmarks.settings",
-            BENCH_WARPMESH_JSON=json.dumps(warpmesh),
-            PYTHONUNBUFFERED="1",
-            **(env or {}),
+            {
+                "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
+                "BENCH_WARPMESH_JSON": json.dumps(warpmesh),
+                "PYTHONUNBUFFERED": "1",
+                **(env or {}),  # which may name other settings (benchmarks.settings_cachalot)
+            }
         )
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
         self._buffer = b""

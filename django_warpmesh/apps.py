@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import logging
+from importlib import import_module
 
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 
 
 class WarpMeshConfig(AppConfig):
@@ -16,6 +17,11 @@ class WarpMeshConfig(AppConfig):
         from django.db.models.signals import post_migrate
 
         from django_warpmesh import checks, discovery, orm  # noqa: F401
+
+        if apps.is_installed("cachalot"):
+            # Before any check runs: it tells cachalot's check (cachalot.W001) that its backend
+            # is made for cachalot. Otherwise imported only when that backend is first used.
+            import_module("django_warpmesh.contrib.cachalot")
 
         # Once migrate has made the peer table, a node that could not find it looks again now.
         post_migrate.connect(

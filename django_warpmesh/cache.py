@@ -480,6 +480,8 @@ class MeshCache(LocMemCache):
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
         tags: Iterable[Any] | None = None,
+        *,
+        local: bool = False,
     ) -> bool:
         key = self.make_and_validate_key(key, version=version)
         normalized = normalize(tags)
@@ -490,8 +492,10 @@ class MeshCache(LocMemCache):
                 return False
             if node.ready:
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
-            self._publish_value(node, key, pickled)
-        node.deliver()
+            if not local:
+                self._publish_value(node, key, pickled)
+        if not local:
+            node.deliver()
         return True
 
     def set(
@@ -501,7 +505,17 @@ class MeshCache(LocMemCache):
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
         tags: Iterable[Any] | None = None,
+        *,
+        local: bool = False,
     ) -> None:
+        """Store ``value``; peers drop their copy unless it is the same value.
+
+        ``local=True``: store it in this process only and tell no peer. For values that differ
+        between processes but are equally valid (a timestamp, a per-process counter): as
+        ordinary sets they would evict each other's copies on every write. The node still
+        starts, and the start-up window and the degraded cap apply as to any store, so the
+        entry is evicted by what peers send: their writes, deletes, clears and tags.
+        """
         key = self.make_and_validate_key(key, version=version)
         normalized = normalize(tags)
         pickled = pickle.dumps(value, self.pickle_protocol)
@@ -511,8 +525,10 @@ class MeshCache(LocMemCache):
                 self._put(key, pickled, self._expiry(timeout, node.max_timeout), normalized)
             else:
                 self._store._forget(key)
-            self._publish_value(node, key, pickled)
-        node.deliver()
+            if not local:
+                self._publish_value(node, key, pickled)
+        if not local:
+            node.deliver()
 
     def set_many(
         self,
@@ -520,10 +536,12 @@ class MeshCache(LocMemCache):
         timeout: float | None = DEFAULT_TIMEOUT,
         version: int | None = None,
         tags: Iterable[Any] | None = None,
+        *,
+        local: bool = False,
     ) -> list[Any]:
         normalized = normalize(tags)
         for key, value in data.items():
-            self.set(key, value, timeout, version=version, tags=normalized)
+            self.set(key, value, timeout, version=version, tags=normalized, local=local)
         return []
 
     def touch(

@@ -435,3 +435,34 @@ def check_dashboard(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage
             )
         ]
     return []
+
+
+CACHALOT_BACKEND = "django_warpmesh.contrib.cachalot.CachalotMeshCache"
+
+
+@register("warpmesh")
+def check_cachalot(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """django-cachalot caching on a plain MeshCache: its fills evict each other (W008)."""
+    from django.conf import settings
+
+    if not apps.is_installed("cachalot"):
+        return []
+    alias = getattr(settings, "CACHALOT_CACHE", "default")
+    if alias not in mesh_cache_aliases():
+        return []
+    # Imported only here, where cachalot is installed: nothing else imports it.
+    backend = import_string(settings.CACHES[alias]["BACKEND"])  # type: ignore[index]
+    if issubclass(backend, import_string(CACHALOT_BACKEND)):
+        return []
+    return [
+        Warning(
+            f"django-cachalot caches on CACHES[{alias!r}], a MeshCache: on every miss cachalot "
+            "stores the current time in each table the query reads, a value that differs from "
+            "one process to the next, so each process's fill evicts the others' copies and "
+            "queries are rarely served from the cache when more than one process reads them.",
+            id="warpmesh.W008",
+            hint=f"Set CACHES[{alias!r}]['BACKEND'] = '{CACHALOT_BACKEND}' (a MeshCache that "
+            "keeps cachalot's fills in each process and sends its invalidations to every "
+            "process). See docs/cachalot.md.",
+        )
+    ]

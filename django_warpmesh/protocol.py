@@ -108,12 +108,6 @@ class Codec:
             raise ProtocolError("too_large", f"{len(data)} > {self.max_frame_bytes} bytes")
         return data
 
-    def authentic(self, data: bytes) -> bool:
-        """Whether ``data`` carries the tag of its own payload under this key (not parsed)."""
-        if len(data) < 8 + TAG_SIZE:
-            return False
-        return hmac.compare_digest(self._tag(data[:-TAG_SIZE]), data[-TAG_SIZE:])
-
     def decode(self, data: bytes) -> Frame:
         size = len(data)
         if size > self.max_frame_bytes:
@@ -224,6 +218,28 @@ def _validate_heartbeat(body: object) -> Heartbeat:
     return Heartbeat(address, sent_ns, tuple((e[0], e[1], e[2]) for e in echo), observer)
 
 
+class Stamped(NamedTuple):
+    """A control frame's body (every kind but INVALIDATE and HEARTBEAT): ``sent_ns`` is the
+    sender's stamp, strictly increasing over all its control frames in an epoch, so a replayed
+    one is known as old however long ago it was captured."""
+
+    sent_ns: int
+    value: Any
+
+
+def stamped(sent_ns: int, value: Any) -> list[Any]:
+    return [sent_ns, value]
+
+
+def _stamped(validate: Callable[[object], Any]) -> Callable[[object], Stamped]:
+    def validate_stamped(body: object) -> Stamped:
+        if not isinstance(body, list) or len(body) != 2 or type(body[0]) is not int:
+            raise ProtocolError("malformed", "control frame body")
+        return Stamped(body[0], validate(body[1]))
+
+    return validate_stamped
+
+
 def _validate_none(body: object) -> None:
     if body is not None:
         raise ProtocolError("malformed", "unexpected body")
@@ -263,10 +279,10 @@ def _validate_stats_reply(body: object) -> StatsReply:
 _BODY_VALIDATORS: Final = {
     Kind.INVALIDATE: _validate_ops,
     Kind.HEARTBEAT: _validate_heartbeat,
-    Kind.BYE: _validate_none,
-    Kind.STATS_REQUEST: _validate_stats_request,
-    Kind.STATS_REPLY: _validate_stats_reply,
-    Kind.BYE_ACK: _validate_node_id,
+    Kind.BYE: _stamped(_validate_none),
+    Kind.STATS_REQUEST: _stamped(_validate_stats_request),
+    Kind.STATS_REPLY: _stamped(_validate_stats_reply),
+    Kind.BYE_ACK: _stamped(_validate_node_id),
 }
 
 

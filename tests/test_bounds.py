@@ -230,17 +230,14 @@ def test_a_stats_reply_too_large_for_one_frame_goes_in_parts_and_arrives_whole()
     whole = responder.snapshot()
     got: list[dict[str, Any]] = []
     requester.request_stats(42, lambda node_id, stats: got.append(stats))
-    request = requester.codec.encode(Frame(Kind.STATS_REQUEST, requester.node_id, 1, 0, 42))
-    responder._handle_batch([FakeMessage(request, connected(responder))])
-    frames = [
-        responder.codec.encode(Frame(Kind(kind), responder.node_id, responder.epoch, 0, body))
-        for kind, body in responder._outbox
-    ]
+    request = Frame(Kind.STATS_REQUEST, requester.node_id, 1, 0, protocol.stamped(1, 42))
+    responder._handle_batch([FakeMessage(requester.codec.encode(request), connected(responder))])
+    frames = sent_by(responder)
     assert len(frames) > 1
     assert all(len(data) <= responder.config.max_frame_bytes for data in frames)
     pipe = connected(requester)
     requester._handle_batch([FakeMessage(heartbeat(responder.node_id), pipe)])
-    for data in reversed(frames):  # in any order
+    for data in frames:  # in order, as one connection delivers them
         assert got == []
         requester._handle_batch([FakeMessage(data, pipe)])
     (stats,) = got
@@ -256,7 +253,21 @@ def test_a_stats_reply_cuts_long_text_to_fit(field: str) -> None:
     snapshot = {**responder.snapshot(), field: "x" * 10_000}
     responder.snapshot = lambda: snapshot  # type: ignore[method-assign]
     responder._on_stats_request(responder._table.add(b"\x02" * 8), 7)
-    ((kind, body),) = responder._outbox
-    data = responder.codec.encode(Frame(Kind(kind), responder.node_id, 1, 0, body))
+    (data,) = sent_by(responder)
     assert len(data) <= responder.config.max_frame_bytes
-    assert responder.codec.decode(data).body.stats[field].startswith("xxx")
+    assert responder.codec.decode(data).body.value.stats[field].startswith("xxx")
+
+
+def sent_by(sender: MeshNode) -> list[bytes]:
+    """What ``sender`` sends of its outbox, as its sender thread would (stamped, encoded)."""
+    sent: list[bytes] = []
+
+    class Sock:
+        def send(self, data: bytes) -> None:
+            sent.append(data)
+
+    sender._socket = Sock()
+    with sender._send_lock:
+        sender._send_outbox(sender._outbox)
+    assert sender.counters.send_errors == 0
+    return sent

@@ -1891,3 +1891,65 @@ def test_every_write_sends_its_invalidation_itself(
     assert node.take(), "nothing was queued"
     assert node.deliveries > before
     assert not node.delivered_while_locked
+
+
+# -- local-only writes: values that differ between processes but are equally valid -------------
+
+
+def test_a_local_set_is_stored_here_and_published_to_no_peer(
+    node: RecordingNode, clock: Clock
+) -> None:
+    cache = mesh()
+    cache.set("stamp", 1.5, local=True)
+    cache.set_many({"a": 1.25, "b": 2.5}, local=True)
+    assert cache.add("added", 3.5, local=True) is True
+    assert cache.add("added", 4.5, local=True) is False
+    assert node.published == []
+    assert cache.get_many(["stamp", "a", "b", "added"]) == {
+        "stamp": 1.5,
+        "a": 1.25,
+        "b": 2.5,
+        "added": 3.5,
+    }
+
+
+def test_a_local_set_still_obeys_the_start_up_window_and_the_degraded_cap(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    # Stored only where an ordinary set would be: until the node may have missed nothing, a
+    # value kept here could outlive an invalidation it never received.
+    fake = RecordingNode(ready=False)
+    monkeypatch.setattr(process, "_current", fake)
+    cache = mesh()
+    cache._store.cache[":1:k"] = pickle.dumps("stale")
+    cache._store.expire_info[":1:k"] = None
+    cache.set("k", "new", local=True)
+    assert cache.add("a", 1, local=True) is True
+    assert cache.get("k") is None
+    assert cache.get("a") is None
+    assert fake.published == []
+    fake.ready, fake.max_timeout = True, 30
+    cache.set("k", "new", None, local=True)
+    assert cache._expire_info[":1:k"] == START + 30
+
+
+def test_a_local_entry_is_still_evicted_by_the_peers_writes_and_its_tags(
+    node: RecordingNode, clock: Clock
+) -> None:
+    cache = mesh()
+    cache.set("k", 1.0, local=True)
+    cache.set("tagged", 2.0, local=True, tags=["stamps"])
+    # A peer's ordinary set of another value, and a tag invalidation, as the node applies them.
+    cache._store.apply([Op(cache._name, OpCode.DELETE_UNLESS, [[":1:k", digest(b"other")]])])
+    cache._store.apply([Op(cache._name, OpCode.TAGS, ["s:stamps"])])
+    assert cache.get("k") is None
+    assert cache.get("tagged") is None
+
+
+def test_async_twins_take_local_too(node: RecordingNode, clock: Clock) -> None:
+    cache = mesh()
+    asyncio.run(cache.aset("a", 1, local=True))
+    asyncio.run(cache.aset_many({"b": 2}, local=True))
+    assert asyncio.run(cache.aadd("c", 3, local=True)) is True
+    assert node.published == []
+    assert cache.get_many(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}

@@ -219,7 +219,7 @@ def test_an_observer_asking_before_its_first_heartbeat_is_answered_not_listed(
     proc, address = target
     peer = RawPeer(address)
     try:
-        peer.send(Kind.STATS_REQUEST, 0, 7)
+        peer.send(Kind.STATS_REQUEST, 0, protocol.stamped(1, 7))
         deadline = time.monotonic() + 5
         reply = None
         while reply is None and time.monotonic() < deadline:
@@ -228,7 +228,7 @@ def test_an_observer_asking_before_its_first_heartbeat_is_answered_not_listed(
             except pynng.Timeout:
                 continue
             if frame.kind is Kind.STATS_REPLY:
-                reply = frame.body
+                reply = frame.body.value
         assert isinstance(reply, protocol.StatsReply), "no stats reply within 5 s"
         assert (reply.request_id, reply.requester) == (7, peer.node_id)
         # It has not introduced itself: it is neither a peer nor a lost one.

@@ -17,7 +17,7 @@ from django_warpmesh.node.peers import (
     PeerTable,
     Seq,
 )
-from django_warpmesh.protocol import Frame, Heartbeat, Kind
+from django_warpmesh.protocol import Frame, Heartbeat, Kind, Stamped
 
 A, B, C, D = (bytes([n]) * 8 for n in range(1, 5))
 EPOCH = 1_700_000_000_000
@@ -197,14 +197,20 @@ def test_a_new_epoch_flushes_only_if_the_peer_had_been_tracked(table: PeerTable)
     assert table.track_invalidate(peer, 1, ready=True) is Seq.NEXT
 
 
-def test_a_replayed_heartbeat_is_not_fresh(table: PeerTable) -> None:
+def test_a_replayed_control_frame_is_not_fresh(table: PeerTable) -> None:
     peer = known(table)
-    peer.heard_ns = 1000
+    table.saw_control(peer, 1000)
     old = Frame(Kind.HEARTBEAT, A, EPOCH, 0, Heartbeat("127.0.0.1:1", 999))
     new = Frame(Kind.HEARTBEAT, A, EPOCH, 0, Heartbeat("127.0.0.1:1", 1001))
     assert not table.is_fresh(peer, old)
     assert table.is_fresh(peer, new)
-    assert table.is_fresh(peer, Frame(Kind.BYE, A, EPOCH, 0))
+    # One stamp for every control kind: an old goodbye or stats request is a replay too.
+    for kind, value in [(Kind.BYE, None), (Kind.STATS_REQUEST, 7), (Kind.BYE_ACK, B)]:
+        assert not table.is_fresh(peer, Frame(kind, A, EPOCH, 0, Stamped(1000, value)))
+        assert table.is_fresh(peer, Frame(kind, A, EPOCH, 0, Stamped(1001, value)))
+    # A new epoch (it restarted) starts its stamps over.
+    table.enter_epoch(peer, EPOCH + 1)
+    assert table.is_fresh(peer, Frame(Kind.BYE, A, EPOCH + 1, 0, Stamped(5, None)))
 
 
 # -- liveness ---------------------------------------------------------------------------------

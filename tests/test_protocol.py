@@ -31,6 +31,7 @@ from django_warpmesh.protocol import (
     Op,
     OpCode,
     ProtocolError,
+    Stamped,
     StatsReply,
 )
 from tests import digestproc
@@ -157,14 +158,31 @@ def test_empty_heartbeat_round_trips(codec: Codec) -> None:
     assert frame.body.observer is False
 
 
+def bye(epoch: int = EPOCH, seq: int = 4) -> Frame:
+    return Frame(Kind.BYE, ORIGIN, epoch, seq, protocol.stamped(12, None))
+
+
 def test_bye_round_trips(codec: Codec) -> None:
-    frame = codec.decode(codec.encode(Frame(Kind.BYE, ORIGIN, EPOCH, 4)))
-    assert frame == Frame(Kind.BYE, ORIGIN, EPOCH, 4, None)
+    frame = codec.decode(codec.encode(bye()))
+    assert frame == Frame(Kind.BYE, ORIGIN, EPOCH, 4, Stamped(12, None))
 
 
 def test_stats_request_round_trips(codec: Codec) -> None:
-    frame = codec.decode(codec.encode(Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, 77)))
-    assert frame == Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, 77)
+    body = protocol.stamped(5, 77)
+    frame = codec.decode(codec.encode(Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, body)))
+    assert frame == Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, Stamped(5, 77))
+
+
+@pytest.mark.parametrize(
+    "kind", [Kind.BYE, Kind.STATS_REQUEST, Kind.STATS_REPLY, Kind.BYE_ACK], ids=lambda k: k.name
+)
+@pytest.mark.parametrize("body", [None, 77, [1], [1.5, None], ["1", None], [True, None]])
+def test_a_control_frame_without_its_stamp_is_malformed(
+    codec: Codec, kind: Kind, body: object
+) -> None:
+    with pytest.raises(ProtocolError) as raised:
+        codec.decode(codec.encode(Frame(kind, ORIGIN, EPOCH, 0, body)))
+    assert raised.value.reason == "malformed"
 
 
 def test_stats_reply_round_trips(codec: Codec) -> None:
@@ -175,13 +193,14 @@ def test_stats_reply_round_trips(codec: Codec) -> None:
     )
     body = protocol.stats_reply_body(reply)
     assert body == [77, b"R" * NODE_ID_SIZE, reply.stats]
-    frame = codec.decode(codec.encode(Frame(Kind.STATS_REPLY, ORIGIN, EPOCH, 2, body)))
-    assert frame == Frame(Kind.STATS_REPLY, ORIGIN, EPOCH, 2, reply)
+    stamped = protocol.stamped(9, body)
+    frame = codec.decode(codec.encode(Frame(Kind.STATS_REPLY, ORIGIN, EPOCH, 2, stamped)))
+    assert frame == Frame(Kind.STATS_REPLY, ORIGIN, EPOCH, 2, Stamped(9, reply))
 
 
 @pytest.mark.parametrize("number", [0, 1, 255, 256, 1 << 32, MAX_U64])
 def test_epoch_and_seq_survive_the_whole_unsigned_range(codec: Codec, number: int) -> None:
-    frame = codec.decode(codec.encode(Frame(Kind.BYE, ORIGIN, number, number)))
+    frame = codec.decode(codec.encode(bye(number, number)))
     assert (frame.epoch, frame.seq) == (number, number)
 
 
@@ -342,7 +361,7 @@ def test_too_large_on_decode() -> None:
 
 
 def test_exactly_max_frame_bytes_is_accepted() -> None:
-    data = Codec(KEY).encode(Frame(Kind.BYE, ORIGIN, EPOCH, 1))
+    data = Codec(KEY).encode(bye())
     assert Codec(KEY, max_frame_bytes=len(data)).decode(data).kind is Kind.BYE
     assert reason_of(Codec(KEY, max_frame_bytes=len(data) - 1), data) == "too_large"
 
@@ -601,10 +620,10 @@ def test_stats_may_carry_extension_values(codec: Codec) -> None:
     # Stats are free-form: well-formed extension values pass through untouched.
     timestamp = b"\xd6\xff\x00\x00\x00\x01"
     ext = pack(msgpack.ExtType(5, b"xy"))
-    payload = HEADER + b"\x93\x01" + pack(ORIGIN) + b"\x82\xa1t" + timestamp + b"\xa1e" + ext
-    frame = codec.decode(sign(payload))
-    assert frame.body == StatsReply(
-        1, ORIGIN, {"t": msgpack.Timestamp(1), "e": msgpack.ExtType(5, b"xy")}
+    reply = b"\x93\x01" + pack(ORIGIN) + b"\x82\xa1t" + timestamp + b"\xa1e" + ext
+    frame = codec.decode(sign(HEADER + b"\x92\x07" + reply))
+    assert frame.body == Stamped(
+        7, StatsReply(1, ORIGIN, {"t": msgpack.Timestamp(1), "e": msgpack.ExtType(5, b"xy")})
     )
     # ...but an extension value is never a valid body for a kind with a fixed shape.
     assert reason_of(codec, sign(HEADER + timestamp)) == "malformed"

@@ -155,3 +155,19 @@ def test_a_batch_with_nothing_wrong_is_sent_as_before(link: Link) -> None:
         Op("c", OpCode.DELETE_UNLESS, [[":1:b", protocol.digest(b"v")]]),
     ]
     assert link.sender.counters.send_errors == 0
+
+
+def test_a_reply_too_large_for_a_frame_loses_only_itself() -> None:
+    node = MeshNode(parse({"PEERS": [], "MAX_FRAME_BYTES": 4096}), KEY, StaticRegistry([]))
+    socket = FakeSocket()
+    node._socket = socket
+    node.ready = True
+    huge = protocol.StatsReply(1, b"R" * protocol.NODE_ID_SIZE, {"peers": ["x" * 100] * 100})
+    node._outbox += [
+        (Kind.STATS_REPLY, protocol.stats_reply_body(huge)),
+        (Kind.BYE, None),
+    ]
+    node._send_pending()
+    sent = [node.codec.decode(data) for data in socket.sent]
+    assert [frame.kind for frame in sent] == [Kind.BYE]  # the goodbye still goes out
+    assert node.counters.send_errors == 1

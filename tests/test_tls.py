@@ -439,3 +439,20 @@ def test_mesh_status_observes_a_tls_mesh(pki: PKI, tmp_path: Path) -> None:
         for line in pki.key_body("node2"):
             assert line not in result.stdout + result.stderr
         assert str(pki.root / "node2.key") not in result.stdout + result.stderr
+
+
+def test_client_configurations_are_bounded(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from django_warpmesh.node import tls
+
+    settings = parse({"TLS": pki.tls("node0")}, NO_ENV).tls
+    assert settings is not None
+    transport = tls.TLSTransport(settings)
+    monkeypatch.setattr(tls, "MAX_CLIENT_CONFIGS", 4)
+    first = transport.client_config("host-0")
+    for n in range(1, 10):  # as many hosts as the peer table may name
+        transport.client_config(f"host-{n}")
+    assert len(transport._clients) == 4
+    assert list(transport._clients) == ["host-6", "host-7", "host-8", "host-9"]
+    # The most recent are kept, and the same name gives the same configuration back.
+    assert transport.client_config("host-9") is transport._clients["host-9"]
+    assert transport.client_config("host-0") is not first

@@ -60,6 +60,8 @@ TICK_FAST_MS = 50
 TICK_IDLE_MS = 250
 # Tags of recently accepted frames remembered, to drop the copy from the second pipe cheaply.
 RECENT_TAGS = 8192
+# How soon after the original a copy of a frame may bind the pipe it came on to its sender.
+DUPLICATE_BIND_WINDOW = 1.0
 # Largest body of one frame the sender builds (less when MAX_FRAME_BYTES is smaller, as it is
 # by default): small frames keep one slow peer's share of the socket buffer small.
 FRAME_BODY_BUDGET = 256 * 1024
@@ -182,6 +184,7 @@ class MeshNode:
         self._draining = False
         self._recv_poll: select.poll | None = None
         self._stop = threading.Event()
+        self._stamp = 0  # the last control frame's stamp (see _next_stamp)
         self._started = False
         # Leaving (stop): invalidations are no longer held back after this clock reading, and
         # the goodbye is acknowledged by the peers it was sent to.
@@ -205,7 +208,8 @@ class MeshNode:
         self._outbox: list[tuple[Kind, Any]] = []
         self._stats_waiters: dict[int, Callable[[bytes, dict[str, Any]], None]] = {}
         self._threads: list[threading.Thread] = []
-        self._recent_tags: OrderedDict[bytes, bytes] = OrderedDict()
+        # Tags of frames accepted lately: (origin, hash of the bytes, when), to know a copy.
+        self._recent_tags: OrderedDict[bytes, tuple[bytes, int, float]] = OrderedDict()
         # Frames rejected per connection (pipe id), and the connections hung up on for it.
         self._strikes: dict[int, int] = {}
         self._dropped: dict[int, None] = {}
@@ -621,8 +625,26 @@ class MeshNode:
             )
 
     def _send(self, kind: Kind, body: Any) -> None:
+        """A control frame (the caller holds the send lock): stamped, then sent."""
+        if kind is not Kind.HEARTBEAT:  # a heartbeat's own sent_ns is its stamp
+            body = protocol.stamped(self._next_stamp(), body)
         frame = Frame(kind, self.node_id, self.epoch, self._seq, body)
-        self._send_bytes(self.codec.encode(frame))
+        try:
+            data = self.codec.encode(frame)
+        except Exception as exc:
+            # Larger than a frame (a stats reply of a huge mesh), say: this one is lost, not
+            # the frames after it (the goodbye among them).
+            self.counters.send_errors += 1
+            self._log.once(
+                f"encode:{kind.name}", "mesh: cannot send a %s frame (%r)", kind.name, exc
+            )
+            return
+        self._send_bytes(data)
+
+    def _next_stamp(self) -> int:
+        """Strictly increasing over this node's control frames: their replay protection."""
+        self._stamp = max(self._stamp + 1, time.monotonic_ns())
+        return self._stamp
 
     def _send_bytes(self, data: bytes) -> bool:
         try:
@@ -637,7 +659,7 @@ class MeshNode:
         return True
 
     def _send_heartbeat(self) -> None:
-        now_ns = time.monotonic_ns()
+        now_ns = self._next_stamp()
         with self._lock:
             echo = self._table.echo(now_ns)
         # A heartbeat must fit MAX_FRAME_BYTES like any frame (peers refuse larger ones): with
@@ -750,16 +772,23 @@ class MeshNode:
             self.counters.frames_received += 1
             data = message.bytes
             # While two pipes join a pair (both dialled; one is hung up soon) a frame arrives
-            # twice: the second copy is known by its tag, without parsing it again. Its MAC is
-            # checked all the same: tags go by in clear, and the copy binds its pipe.
+            # twice: the second copy is known by its tag and its bytes, without verifying or
+            # parsing it again. The same tag on other bytes is no copy: it is verified (and
+            # fails) like any frame, and changes nothing.
             tag = data[-protocol.TAG_SIZE :]
-            origin = recent.get(tag)
-            if origin is not None and self.codec.authentic(data):
+            seen = recent.get(tag)
+            if seen is not None and seen[1] == hash(data):
                 self.counters.duplicates += 1
-                if origin == self.node_id:
-                    self._links.from_self(message.pipe)
-                else:
-                    self._links.bind(message.pipe, origin, self.node_id)
+                # Binding the pipe it came on tells which pair's link to park; only a copy of
+                # its sender's latest frame, close behind the original, may: an older frame
+                # replayed must not own a pipe.
+                sender = self._table.peers.get(seen[0])
+                if (
+                    sender is not None
+                    and sender.latest_tag == tag
+                    and now - seen[2] <= DUPLICATE_BIND_WINDOW
+                ):
+                    self._links.bind(message.pipe, seen[0], self.node_id)
                 continue
             try:
                 frame = self.codec.decode(data)
@@ -767,10 +796,15 @@ class MeshNode:
                 self._reject(exc.reason)
                 self._strike(message.pipe)
                 continue
-            recent[tag] = frame.origin
-            if len(recent) > RECENT_TAGS:
-                recent.popitem(last=False)
-            flush |= self._accept(frame, message.pipe, now, by_alias)
+            fresh, flushing = self._accept(frame, message.pipe, now, by_alias)
+            flush |= flushing
+            if fresh:
+                sender = self._table.peers.get(frame.origin)
+                if sender is not None:
+                    sender.latest_tag = tag
+                recent[tag] = (frame.origin, hash(data), now)
+                if len(recent) > RECENT_TAGS:
+                    recent.popitem(last=False)
         if flush:
             self._flush_all()
         for alias, ops in by_alias.items():
@@ -878,19 +912,22 @@ class MeshNode:
                 # One between nng's "adding" and "added" events is made again at "added".
                 del pipes[pipe_id]
 
-    def _accept(self, frame: Frame, pipe: Any, now: float, by_alias: dict[str, list[Op]]) -> bool:
-        """Check one verified frame; queue its ops. Returns True if caches must be flushed."""
+    def _accept(
+        self, frame: Frame, pipe: Any, now: float, by_alias: dict[str, list[Op]]
+    ) -> tuple[bool, bool]:
+        """Check one verified frame; queue its ops. Returns whether it was fresh (not a copy
+        or a replay) and whether caches must be flushed."""
         origin = frame.origin
         if origin == self.node_id:
             self._links.from_self(pipe)
-            return False
+            return False, False
         table = self._table
         with self._lock:
-            owner = self._links.bind_locked(pipe, origin, self.node_id)
-            if owner != origin:
+            owner = self._links.pipe_owner.get(pipe.id)
+            if owner is not None and owner != origin:
                 # An authenticated peer speaking for another node on its own pipe.
                 self._reject("foreign_origin")
-                return False
+                return False, False
             peer = table.peers.get(origin)
             if peer is None:
                 peer = table.add(origin)
@@ -899,20 +936,25 @@ class MeshNode:
             epoch = table.enter_epoch(peer, frame.epoch)
             if epoch is _REPLAYED:
                 self._reject("replayed")
-                return False
+                return False, False
             # A new epoch of a peer that had sent: it restarted. What it sent before is unknown.
             flush = epoch is _RESTARTED
         kind = frame.kind
         if not table.is_fresh(peer, frame):
             # A copy of a frame already seen (another pipe, or a replay by someone who captured
-            # it): it must not make a silent peer look alive.
+            # it): it must not make a silent peer look alive, nor own the pipe it came on.
             self.counters.duplicates += 1
-            return flush
+            return False, flush
+        with self._lock:
+            # Only now, from a frame that is neither forged nor replayed: whose pipe it is.
+            self._links.bind_locked(pipe, origin, self.node_id)
+        if kind is not Kind.INVALIDATE:
+            table.saw_control(peer, frame.body.sent_ns)
         if kind is Kind.STATS_REQUEST and not peer.alive:
             # Observers (mesh_status) ask before their first heartbeat may have arrived; answer,
             # but don't count a node that has not introduced itself as a live peer.
-            self._on_stats_request(peer, frame.body)
-            return flush
+            self._on_stats_request(peer, frame.body.value)
+            return True, flush
         was_alive = table.heard(peer, now)
         if not was_alive:
             peer.announce, peer.announce_heartbeats, peer.latency_ms = True, 0, None
@@ -927,12 +969,12 @@ class MeshNode:
             elif kind is Kind.BYE:
                 self._on_bye(peer)
             elif kind is Kind.STATS_REQUEST:
-                self._on_stats_request(peer, frame.body)
+                self._on_stats_request(peer, frame.body.value)
             elif kind is Kind.STATS_REPLY:
-                self._on_stats_reply(peer, frame.body)
+                self._on_stats_reply(peer, frame.body.value)
             elif kind is Kind.BYE_ACK:
-                self._on_bye_ack(peer, frame.body)
-        return flush
+                self._on_bye_ack(peer, frame.body.value)
+        return True, flush
 
     def _track_invalidate(
         self,
@@ -1024,10 +1066,12 @@ class MeshNode:
             return
 
         def fits(stats: dict[str, Any]) -> bool:
+            # Measured as _send will send it: stamped, with the widest stamp and seq.
             reply = protocol.StatsReply(request_id, peer.node_id, stats)
-            frame = Frame(Kind.STATS_REPLY, self.node_id, self.epoch, 2**64 - 1, None)
+            body = protocol.stamped(2**64 - 1, protocol.stats_reply_body(reply))
+            frame = Frame(Kind.STATS_REPLY, self.node_id, self.epoch, 2**64 - 1, body)
             try:
-                self.codec.encode(frame._replace(body=protocol.stats_reply_body(reply)))
+                self.codec.encode(frame)
             except protocol.ProtocolError:
                 return False
             return True

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from django_warpmesh.protocol import Frame, Heartbeat, Kind
+from django_warpmesh.protocol import Frame, Kind
 
 # How long a sequence number may stay missing before we call it lost. Frames of one origin can
 # arrive out of order when two pipes join the same pair of nodes (both dialled each other).
@@ -45,6 +45,8 @@ class Peer:
     pipes: set[int] = dataclasses.field(default_factory=set)
     last_heard: float = 0.0
     heard_ns: int = 0  # the sent_ns of its last heartbeat, echoed back to measure the RTT
+    control_ns: int = 0  # the stamp of its last control frame accepted (replay protection)
+    latest_tag: bytes = b""  # the tag of its latest frame accepted (see MeshNode._handle_batch)
     heard_at_ns: int = 0
     latency_ms: float | None = None
     alive: bool = False
@@ -135,7 +137,7 @@ class PeerTable:
         # Same id, new epoch: it (re)started. Its sequence starts over.
         restarted = peer.highest is not None
         peer.epoch, peer.highest, peer.missing = epoch, None, {}
-        peer.heard_ns = 0
+        peer.heard_ns = peer.control_ns = 0
         return Epoch.RESTARTED if restarted else Epoch.NEW
 
     @staticmethod
@@ -144,11 +146,14 @@ class PeerTable:
         if frame.kind is Kind.INVALIDATE:
             highest = peer.highest
             return highest is None or frame.seq > highest or frame.seq in peer.missing
-        if frame.kind is Kind.HEARTBEAT:
-            # Stamped with the sender's monotonic clock: a replayed heartbeat is an old one.
-            sent_ns = frame.body.sent_ns if isinstance(frame.body, Heartbeat) else 0
-            return sent_ns > peer.heard_ns
-        return True
+        # Every other kind is stamped by the sender, strictly increasing over its control
+        # frames (a heartbeat's sent_ns is its stamp): a replayed one is an old one.
+        return bool(frame.body.sent_ns > peer.control_ns)
+
+    @staticmethod
+    def saw_control(peer: Peer, sent_ns: int) -> None:
+        """A fresh control frame was accepted: anything stamped before it is a replay."""
+        peer.control_ns = sent_ns
 
     def heard(self, peer: Peer, now: float | None = None) -> bool:
         """It is alive as of ``now``; returns whether it already was."""

@@ -15,6 +15,7 @@ be set on it, so endpoints are created, configured and started here through its 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import pynng
@@ -23,6 +24,8 @@ from django_warpmesh.node.config import TLSSettings
 
 SCHEME = "tls+tcp"
 _TLS_CONFIG = b"tls-config"  # NNG_OPT_TLS_CONFIG
+# Client TLS configurations kept (one per server name dialled): see TLSTransport.client_config.
+MAX_CLIENT_CONFIGS = 256
 
 
 class TLSTransport:
@@ -35,7 +38,7 @@ class TLSTransport:
         self._cert = _read("CERT", settings.cert)
         self._key = _read("KEY", settings.key)
         self._ca = _read("CA", settings.ca)
-        self._clients: dict[str, Any] = {}
+        self._clients: OrderedDict[str, Any] = OrderedDict()
         # Made now, so that unusable PEM fails the node's start, not each connection.
         self._server = self._config(pynng.TLSConfig.MODE_SERVER, None)
 
@@ -76,15 +79,24 @@ class TLSTransport:
         sock._listeners[listener.id] = listener
         return listener
 
+    def client_config(self, server_name: str) -> Any:
+        """The client configuration for ``server_name``, made once and kept among the most
+        recent ``MAX_CLIENT_CONFIGS``: the peer table can name any number of hosts, and each
+        configuration holds a parsed certificate chain. A dialer keeps its own alive."""
+        clients = self._clients
+        config = clients.get(server_name)
+        if config is None:
+            config = clients[server_name] = self._config(pynng.TLSConfig.MODE_CLIENT, server_name)
+            if len(clients) > MAX_CLIENT_CONFIGS:
+                clients.popitem(last=False)
+        else:
+            clients.move_to_end(server_name)
+        return config
+
     def dial(self, sock: Any, url: str, host: str) -> Any:
         """Dial ``url`` in the background (as ``Socket.dial(url, block=False)``), verifying the
         server's certificate for ``SERVER_NAME`` or else ``host``."""
-        server_name = self.server_name or host
-        config = self._clients.get(server_name)
-        if config is None:
-            config = self._clients[server_name] = self._config(
-                pynng.TLSConfig.MODE_CLIENT, server_name
-            )
+        config = self.client_config(self.server_name or host)
         lib, ffi = pynng.lib, pynng.ffi
         handle = ffi.new("nng_dialer *")
         pynng.check_err(lib.nng_dialer_create(handle, sock.socket, url.encode()))

@@ -50,7 +50,7 @@ class Harness:
         frames: dict[str, Any] = {
             "invalidate": p.Frame(p.Kind.INVALIDATE, origin, epoch, 7, p.ops_body(ops)),
             "heartbeat": p.Frame(p.Kind.HEARTBEAT, origin, epoch, 7, p.heartbeat_body(heartbeat)),
-            "bye": p.Frame(p.Kind.BYE, origin, epoch, 7),
+            "bye": p.Frame(p.Kind.BYE, origin, epoch, 7, p.stamped(124, None)),
         }
         corpus = {}
         for name, frame in frames.items():

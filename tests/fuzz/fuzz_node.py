@@ -321,6 +321,10 @@ class Run:
                 peer.seq = max(0, peer.seq - self.draw.below(4))  # gone back: a replay
         elif seq_move == 7:
             peer.seq += self.draw.below(100)
+        # Control frames carry a stamp, strictly increasing per sender (a heartbeat's sent_ns):
+        # mostly a new one, sometimes one already used (a replay).
+        if kind is not p.Kind.INVALIDATE and not self.draw.chance(48):
+            peer.sent_ns += 1 + self.draw.byte()
         body: Any = None
         if kind is p.Kind.INVALIDATE:
             alias = "ab"[self.draw.below(2)]
@@ -334,8 +338,6 @@ class Run:
             }[code]
             body = p.ops_body([p.Op(alias, code, args)])
         elif kind is p.Kind.HEARTBEAT:
-            if not self.draw.chance(48):  # else a replayed (old) one
-                peer.sent_ns += 1 + self.draw.byte()
             echo = ((self.node.node_id, 5, 1),) if self.draw.chance(64) else ()
             heartbeat = p.Heartbeat(ADDRESS, peer.sent_ns, echo, self.draw.chance(32))
             body = p.heartbeat_body(heartbeat)
@@ -349,6 +351,8 @@ class Run:
             body = p.stats_reply_body(p.StatsReply(self.draw.below(3), requester, stats))
         elif kind is p.Kind.BYE_ACK:
             body = self.node.node_id if self.draw.chance(128) else peer.node_id
+        if kind not in (p.Kind.INVALIDATE, p.Kind.HEARTBEAT):
+            body = p.stamped(peer.sent_ns, body)
         return p.Frame(kind, peer.node_id, epoch, peer.seq, body)
 
     # -- delivery and the checks ----------------------------------------------------------------
@@ -399,6 +403,8 @@ class Run:
                     peer.last_heard,
                     peer.alive,
                     peer.heard_ns,
+                    peer.control_ns,
+                    peer.latest_tag,
                     peer.observer,
                     peer.address,
                     peer.dialed_as,

@@ -1,0 +1,1 @@
+"""Integrations with other libraries, each optional: importing one needs that library installed."""
