@@ -42,6 +42,7 @@ from django_warpmesh.node.links import Links
 from django_warpmesh.node.ops import coalesce, single_op
 from django_warpmesh.node.peers import LIVENESS_HEARTBEATS, Epoch, Peer, PeerTable, Seq
 from django_warpmesh.node.relay import RelayHub, wire_op
+from django_warpmesh.node.replies import ReplyInbox, ReplySender
 from django_warpmesh.node.tls import TLSTransport
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
 
@@ -198,6 +199,8 @@ class MeshNode:
         self._recent_tags: OrderedDict[bytes, tuple[bytes, int, float]] = OrderedDict()
         self._socket: Any = None
         self._hub: RelayHub | None = None  # children forked after the socket opened
+        self._replies: ReplySender | None = None  # stats replies, to the asker only
+        self._inbox: ReplyInbox | None = None  # an observer's: where replies come to
         self._tls: TLSTransport | None = None  # WARPMESH['TLS']: tls+tcp:// endpoints
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -218,6 +221,16 @@ class MeshNode:
             reconnect_time_max=1000,
         )
         self._links.open(self._socket, self._tls)
+        self._replies = ReplySender(self._tls)
+        if self.observer:
+            self._inbox = ReplyInbox(
+                config.bind,
+                ports=range(config.port, config.port + config.port_range) if config.port else (),
+                advertise=lambda port: _reply_address(config, port),
+                tls=self._tls,
+                max_bytes=config.max_frame_bytes,
+                on_reply=self._on_reply_bytes,
+            )
         if config.drain_on_read and hasattr(select, "poll"):
             self._recv_poll = select.poll()
             self._recv_poll.register(self._socket.recv_fd, select.POLLIN)
@@ -320,9 +333,10 @@ class MeshNode:
             sender.join(max(0.0, deadline - time.monotonic()) + SENDER_GRACE)
         grace = max(0.0, deadline - time.monotonic()) + SENDER_GRACE
         if self._socket is not None and not (sender is not None and sender.is_alive()):
+            # In the order a draining thread takes them (it may answer a stats request).
             with (
-                _held(self._send_lock, grace) as sending,
                 _held(self._drain_lock, grace) as draining,
+                _held(self._send_lock, grace) as sending,
             ):
                 if sending and draining:
                     with contextlib.suppress(Exception):
@@ -331,6 +345,8 @@ class MeshNode:
             receiver.join(max(0.0, deadline - time.monotonic()))
         if self._hub is not None:
             self._hub.close()
+        if self._inbox is not None:
+            self._inbox.close()
 
     # -- forked children (see relay.py) -------------------------------------------------------
 
@@ -932,13 +948,48 @@ class MeshNode:
             self._bye_acks.add(peer.node_id)
             self._check_bye_acked()
 
-    def _on_stats_request(self, peer: Peer, request_id: int) -> None:
-        if self.observer:
+    def _on_stats_request(self, peer: Peer, request: protocol.StatsRequest) -> None:
+        """Answer the asker only, on a connection of its own (see replies.py)."""
+        if self.observer or self._replies is None:
             return
-        reply = protocol.StatsReply(request_id, peer.node_id, self.snapshot())
-        with self._lock:
-            self._outbox.append((Kind.STATS_REPLY, protocol.stats_reply_body(reply)))
-        self._wake.set()
+        reply = protocol.StatsReply(request.request_id, peer.node_id, self.snapshot())
+        with self._send_lock:
+            stamp = self._next_stamp()
+        frame = Frame(
+            Kind.STATS_REPLY,
+            self.node_id,
+            self.epoch,
+            self._seq,
+            protocol.stamped(stamp, protocol.stats_reply_body(reply)),
+        )
+        try:
+            data = self.codec.encode(frame)
+        except Exception as exc:
+            self.counters.send_errors += 1
+            self._log.once("encode:STATS_REPLY", "mesh: cannot send a stats reply (%r)", exc)
+            return
+        if not self._replies.send(request.reply_to, data):
+            self.counters.send_errors += 1
+
+    def _on_reply_bytes(self, data: bytes) -> None:
+        """The observer's inbox: a reply to one of our requests, verified like any frame.
+
+        Replay protection is the request: a reply counts only while its request is open.
+        """
+        try:
+            frame = self.codec.decode(data)
+        except protocol.ProtocolError as exc:
+            self._reject(exc.reason)
+            return
+        if frame.kind is not Kind.STATS_REPLY:
+            self._reject("unexpected_kind")
+            return
+        reply = frame.body.value
+        if reply.requester != self.node_id:
+            return
+        waiter = self._stats_waiters.get(reply.request_id)
+        if waiter is not None:
+            waiter(frame.origin, reply.stats)
 
     def _on_stats_reply(self, peer: Peer, reply: protocol.StatsReply) -> None:
         if reply.requester != self.node_id:
@@ -1061,8 +1112,9 @@ class MeshNode:
     ) -> None:
         """Ask every peer for its stats (mesh_status); replies arrive on the receiver thread."""
         self._stats_waiters[request_id] = on_reply
+        reply_to = self._inbox.address if self._inbox is not None else ""
         with self._lock:
-            self._outbox.append((Kind.STATS_REQUEST, request_id))
+            self._outbox.append((Kind.STATS_REQUEST, [request_id, reply_to]))
         self._wake.set()
 
     def cancel_stats_request(self, request_id: int) -> None:
@@ -1120,7 +1172,16 @@ def _advertised_address(config: MeshSettings, port: int) -> str:
     return format_address(_default_host(config.bind), port)
 
 
-def _default_host(bind: str) -> str:
+def _reply_address(config: MeshSettings, port: int) -> str:
+    """Where an observer's stats replies come to: its host as a node would advertise it."""
+    if config.advertise:
+        host, _ = parse_address("ADVERTISE", config.advertise)
+    else:
+        host = _default_host(config.bind, warn=False)
+    return format_address(host, port)
+
+
+def _default_host(bind: str, *, warn: bool = True) -> str:
     if bind not in {"0.0.0.0", "::", ""}:
         return bind
     try:
@@ -1131,6 +1192,8 @@ def _default_host(bind: str) -> str:
                 return address
     except OSError:
         pass
+    if not warn:
+        return "127.0.0.1"
     logger.warning(
         "mesh: no non-loopback address found for this host; advertising 127.0.0.1. "
         "Set WARPMESH['ADVERTISE'] (or WARPMESH_ADVERTISE) so other hosts can reach it."
