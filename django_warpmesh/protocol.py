@@ -251,10 +251,22 @@ def _validate_node_id(body: object) -> bytes:
     return body
 
 
-def _validate_stats_request(body: object) -> int:
-    if type(body) is not int:
+class StatsRequest(NamedTuple):
+    """Asks for a node's stats, to be sent to ``reply_to`` (the asker's ``host:port``)."""
+
+    request_id: int
+    reply_to: str
+
+
+def _validate_stats_request(body: object) -> StatsRequest:
+    if (
+        not isinstance(body, list)
+        or len(body) != 2
+        or type(body[0]) is not int
+        or type(body[1]) is not str
+    ):
         raise ProtocolError("malformed", "stats request")
-    return body
+    return StatsRequest(body[0], body[1])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pynng
-import pytest
 
 from django_warpmesh import protocol
 from django_warpmesh.conf import parse
 from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
-from django_warpmesh.node.core import PIPE_STRIKES
+from django_warpmesh.node.core import PIPE_STRIKES, REPLY_MAX_BYTES
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
 
 KEY = b"k" * 32
@@ -222,52 +221,30 @@ def test_a_heartbeat_with_more_live_peers_than_fit_echoes_them_in_turns() -> Non
     assert echoed == set(ids)
 
 
-def test_a_stats_reply_too_large_for_one_frame_goes_in_parts_and_arrives_whole() -> None:
-    responder, requester = node(), node()
+def test_a_stats_reply_larger_than_a_bus_frame_reaches_the_asker_whole() -> None:
+    """Replies go to the asker on a connection of their own, not on the bus: a whole snapshot
+    (a row per peer) is not bound by MAX_FRAME_BYTES, only by REPLY_MAX_BYTES."""
+    responder, asker = node(), node()
     for i in range(1, 301):
         peer = responder._table.add(i.to_bytes(protocol.NODE_ID_SIZE, "big"))
         peer.alive, peer.address = True, f"10.0.{i // 256}.{i % 256}:7934"
-    whole = responder.snapshot()
+    sent: list[tuple[str, bytes]] = []
+
+    class Replies:
+        def send(self, address: str, data: bytes) -> bool:
+            sent.append((address, data))
+            return True
+
+    responder._replies = Replies()  # type: ignore[assignment]
     got: list[dict[str, Any]] = []
-    requester.request_stats(42, lambda node_id, stats: got.append(stats))
-    request = Frame(Kind.STATS_REQUEST, requester.node_id, 1, 0, protocol.stamped(1, 42))
-    responder._handle_batch([FakeMessage(requester.codec.encode(request), connected(responder))])
-    frames = sent_by(responder)
-    assert len(frames) > 1
-    assert all(len(data) <= responder.config.max_frame_bytes for data in frames)
-    pipe = connected(requester)
-    requester._handle_batch([FakeMessage(heartbeat(responder.node_id), pipe)])
-    for data in frames:  # in order, as one connection delivers them
-        assert got == []
-        requester._handle_batch([FakeMessage(data, pipe)])
+    asker._stats_waiters[42] = lambda node_id, stats: got.append(stats)
+    responder._on_stats_request(
+        responder._table.add(asker.node_id), protocol.StatsRequest(42, "127.0.0.1:9")
+    )
+    ((address, data),) = sent
+    assert address == "127.0.0.1:9"
+    assert responder.config.max_frame_bytes < len(data) <= REPLY_MAX_BYTES
+    asker._on_reply_bytes(data)
     (stats,) = got
-    assert [row["id"] for row in stats["peers"]] == [row["id"] for row in whole["peers"]]
-    assert stats["node_id"] == whole["node_id"]
-    assert stats["peers_omitted"] == 0
-    assert requester._stats_parts == {}
-
-
-@pytest.mark.parametrize("field", ["discovery_error", "listen_error"])
-def test_a_stats_reply_cuts_long_text_to_fit(field: str) -> None:
-    responder = node()
-    snapshot = {**responder.snapshot(), field: "x" * 10_000}
-    responder.snapshot = lambda: snapshot  # type: ignore[method-assign]
-    responder._on_stats_request(responder._table.add(b"\x02" * 8), 7)
-    (data,) = sent_by(responder)
-    assert len(data) <= responder.config.max_frame_bytes
-    assert responder.codec.decode(data).body.value.stats[field].startswith("xxx")
-
-
-def sent_by(sender: MeshNode) -> list[bytes]:
-    """What ``sender`` sends of its outbox, as its sender thread would (stamped, encoded)."""
-    sent: list[bytes] = []
-
-    class Sock:
-        def send(self, data: bytes) -> None:
-            sent.append(data)
-
-    sender._socket = Sock()
-    with sender._send_lock:
-        sender._send_outbox(sender._outbox)
-    assert sender.counters.send_errors == 0
-    return sent
+    assert len(stats["peers"]) == 300
+    assert responder.counters.send_errors == asker.counters.frames_rejected == 0

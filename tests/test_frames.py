@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -213,23 +214,28 @@ def connected_ids(proc: MeshProcess) -> set[str]:
     return {p["id"] for p in proc.stats()["peers"] if p["connected"] and p["id"]}
 
 
+def ask_for_stats(peer: RawPeer, request_id: int) -> tuple[pynng.Socket, str]:
+    """Send a stats request naming a reply address of the peer's own: the reply comes there."""
+    inbox = pynng.Rep0(recv_timeout=5000)
+    listener = inbox.listen("tcp://127.0.0.1:0")
+    reply_to = f"127.0.0.1:{str(listener.local_address).rsplit(':', 1)[1]}"
+    peer.send(Kind.STATS_REQUEST, 0, protocol.stamped(time.monotonic_ns(), [request_id, reply_to]))
+    return inbox, reply_to
+
+
 def test_an_observer_asking_before_its_first_heartbeat_is_answered_not_listed(
     target: tuple[MeshProcess, str],
 ) -> None:
     proc, address = target
     peer = RawPeer(address)
     try:
-        peer.send(Kind.STATS_REQUEST, 0, protocol.stamped(1, 7))
-        deadline = time.monotonic() + 5
-        reply = None
-        while reply is None and time.monotonic() < deadline:
-            try:
-                frame = peer.codec.decode(peer.socket.recv())
-            except pynng.Timeout:
-                continue
-            if frame.kind is Kind.STATS_REPLY:
-                reply = frame.body.value
-        assert isinstance(reply, protocol.StatsReply), "no stats reply within 5 s"
+        inbox, _ = ask_for_stats(peer, 7)
+        with inbox:
+            frame = peer.codec.decode(inbox.recv())
+            inbox.send(b"")
+        assert frame.kind is Kind.STATS_REPLY
+        reply = frame.body.value
+        assert isinstance(reply, protocol.StatsReply)
         assert (reply.request_id, reply.requester) == (7, peer.node_id)
         # It has not introduced itself: it is neither a peer nor a lost one.
         assert all(row["id"] != peer.node_id.hex() for row in reply.stats["peers"])
@@ -238,3 +244,25 @@ def test_an_observer_asking_before_its_first_heartbeat_is_answered_not_listed(
         assert stats["peers_lost"] == 0
     finally:
         peer.close()
+
+
+def test_a_stats_reply_goes_to_the_asker_only(target: tuple[MeshProcess, str]) -> None:
+    _, address = target
+    asker, bystander = RawPeer(address), RawPeer(address)
+    try:
+        bystander.hello()
+        inbox, _ = ask_for_stats(asker, 9)
+        with inbox:
+            assert asker.codec.decode(inbox.recv()).kind is Kind.STATS_REPLY
+            inbox.send(b"")
+        # The bus carried no reply: the bystander hears heartbeats only.
+        heard = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(pynng.Timeout):
+                heard.append(bystander.codec.decode(bystander.socket.recv()).kind)
+        assert Kind.HEARTBEAT in heard
+        assert Kind.STATS_REPLY not in heard
+    finally:
+        asker.close()
+        bystander.close()

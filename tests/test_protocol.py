@@ -168,9 +168,10 @@ def test_bye_round_trips(codec: Codec) -> None:
 
 
 def test_stats_request_round_trips(codec: Codec) -> None:
-    body = protocol.stamped(5, 77)
+    body = protocol.stamped(5, [77, "10.0.0.1:7935"])
     frame = codec.decode(codec.encode(Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, body)))
-    assert frame == Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, Stamped(5, 77))
+    request = protocol.StatsRequest(77, "10.0.0.1:7935")
+    assert frame == Frame(Kind.STATS_REQUEST, ORIGIN, EPOCH, 0, Stamped(5, request))
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from django_warpmesh.node.links import Links
 from django_warpmesh.node.ops import coalesce, single_op
 from django_warpmesh.node.peers import LIVENESS_HEARTBEATS, Epoch, Peer, PeerTable, Seq
 from django_warpmesh.node.relay import RelayHub, wire_op
+from django_warpmesh.node.replies import ReplyInbox, ReplySender
 from django_warpmesh.node.tls import TLSTransport
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
 
@@ -76,9 +77,10 @@ DROPPED_PIPES_KEPT = 1024
 # array header, the address's string header; and one echo entry at most (id, sent_ns, held_ns).
 HEARTBEAT_FIXED = 1 + 9 + 1 + 5 + 3
 ECHO_ENTRY_MAX = 1 + (2 + protocol.NODE_ID_SIZE) + 9 + 9
-# Stats replies split into parts to fit MAX_FRAME_BYTES: parts at most, and the keys that
-# number them (a requester that predates parts reads each as a whole reply).
-STATS_PARTS_MAX = 4096
+# Largest stats reply: a whole snapshot, a row per peer (4,096 at most: about 600 KB). Replies
+# never ride the bus (see replies.py), so they do not count against MAX_FRAME_BYTES: only an
+# observer (mesh_status) takes them in, one connection at a time, while it waits for them.
+REPLY_MAX_BYTES = 1024 * 1024
 # Failed discovery syncs in a row after which the node counts as degraded (entries capped): a
 # peer that joined meanwhile cannot be found, and one failure may be a blip.
 DISCOVERY_FAILURES_DEGRADED = 2
@@ -161,6 +163,9 @@ class MeshNode:
         self.pid = os.getpid()
         self.started_at = time.time()
         self.codec = protocol.Codec(key, max_frame_bytes=config.max_frame_bytes)
+        self._reply_codec = protocol.Codec(
+            key, max_frame_bytes=max(config.max_frame_bytes, REPLY_MAX_BYTES)
+        )
         self.counters = stats.Counters()
         self.address = ""
         self.listen_error: str | None = None
@@ -214,10 +219,10 @@ class MeshNode:
         self._strikes: dict[int, int] = {}
         self._dropped: dict[int, None] = {}
         self._echo_from = 0  # where the next heartbeat's echo starts, when not all fit
-        # Stats replies in parts, gathered per (request id, peer) until complete.
-        self._stats_parts: dict[tuple[int, bytes], dict[int, dict[str, Any]]] = {}
         self._socket: Any = None
         self._hub: RelayHub | None = None  # children forked after the socket opened
+        self._replies: ReplySender | None = None  # stats replies, to the asker only
+        self._inbox: ReplyInbox | None = None  # an observer's: where replies come to
         self._tls: TLSTransport | None = None  # WARPMESH['TLS']: tls+tcp:// endpoints
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -238,6 +243,16 @@ class MeshNode:
             reconnect_time_max=1000,
         )
         self._links.open(self._socket, self._tls)
+        self._replies = ReplySender(self._tls)
+        if self.observer:
+            self._inbox = ReplyInbox(
+                config.bind,
+                ports=range(config.port, config.port + config.port_range) if config.port else (),
+                advertise=lambda port: _reply_address(config, port),
+                tls=self._tls,
+                max_bytes=self._reply_codec.max_frame_bytes,
+                on_reply=self._on_reply_bytes,
+            )
         if config.drain_on_read and hasattr(select, "poll"):
             self._recv_poll = select.poll()
             self._recv_poll.register(self._socket.recv_fd, select.POLLIN)
@@ -340,9 +355,10 @@ class MeshNode:
             sender.join(max(0.0, deadline - time.monotonic()) + SENDER_GRACE)
         grace = max(0.0, deadline - time.monotonic()) + SENDER_GRACE
         if self._socket is not None and not (sender is not None and sender.is_alive()):
+            # In the order a draining thread takes them (it may answer a stats request).
             with (
-                _held(self._send_lock, grace) as sending,
                 _held(self._drain_lock, grace) as draining,
+                _held(self._send_lock, grace) as sending,
             ):
                 if sending and draining:
                     with contextlib.suppress(Exception):
@@ -351,6 +367,8 @@ class MeshNode:
             receiver.join(max(0.0, deadline - time.monotonic()))
         if self._hub is not None:
             self._hub.close()
+        if self._inbox is not None:
+            self._inbox.close()
 
     # -- forked children (see relay.py) -------------------------------------------------------
 
@@ -1061,46 +1079,55 @@ class MeshNode:
             self._bye_acks.add(peer.node_id)
             self._check_bye_acked()
 
-    def _on_stats_request(self, peer: Peer, request_id: int) -> None:
-        if self.observer:
+    def _on_stats_request(self, peer: Peer, request: protocol.StatsRequest) -> None:
+        """Answer the asker only, on a connection of its own (see replies.py)."""
+        if self.observer or self._replies is None:
             return
+        reply = protocol.StatsReply(request.request_id, peer.node_id, self.snapshot())
+        with self._send_lock:
+            stamp = self._next_stamp()
+        frame = Frame(
+            Kind.STATS_REPLY,
+            self.node_id,
+            self.epoch,
+            self._seq,
+            protocol.stamped(stamp, protocol.stats_reply_body(reply)),
+        )
+        try:
+            data = self._reply_codec.encode(frame)
+        except Exception as exc:
+            self.counters.send_errors += 1
+            self._log.once("encode:STATS_REPLY", "mesh: cannot send a stats reply (%r)", exc)
+            return
+        if not self._replies.send(request.reply_to, data):
+            self.counters.send_errors += 1
 
-        def fits(stats: dict[str, Any]) -> bool:
-            # Measured as _send will send it: stamped, with the widest stamp and seq.
-            reply = protocol.StatsReply(request_id, peer.node_id, stats)
-            body = protocol.stamped(2**64 - 1, protocol.stats_reply_body(reply))
-            frame = Frame(Kind.STATS_REPLY, self.node_id, self.epoch, 2**64 - 1, body)
-            try:
-                self.codec.encode(frame)
-            except protocol.ProtocolError:
-                return False
-            return True
+    def _on_reply_bytes(self, data: bytes) -> None:
+        """The observer's inbox: a reply to one of our requests, verified like any frame.
 
-        # A whole snapshot (a row per peer) can outgrow MAX_FRAME_BYTES, which peers refuse:
-        # it goes in parts, each a complete reply with some of the rows.
-        parts = stats.split_snapshot(self.snapshot(), fits, max_parts=STATS_PARTS_MAX)
-        with self._lock:
-            for part in parts:
-                reply = protocol.StatsReply(request_id, peer.node_id, part)
-                self._outbox.append((Kind.STATS_REPLY, protocol.stats_reply_body(reply)))
-        self._wake.set()
+        Replay protection is the request: a reply counts only while its request is open.
+        """
+        try:
+            frame = self._reply_codec.decode(data)
+        except protocol.ProtocolError as exc:
+            self._reject(exc.reason)
+            return
+        if frame.kind is not Kind.STATS_REPLY:
+            self._reject("unexpected_kind")
+            return
+        reply = frame.body.value
+        if reply.requester != self.node_id:
+            return
+        waiter = self._stats_waiters.get(reply.request_id)
+        if waiter is not None:
+            waiter(frame.origin, reply.stats)
 
     def _on_stats_reply(self, peer: Peer, reply: protocol.StatsReply) -> None:
         if reply.requester != self.node_id:
             return
         waiter = self._stats_waiters.get(reply.request_id)
-        if waiter is None:
-            return
-        parts = reply.stats.get(stats.PARTS_KEY)
-        if type(parts) is not int or parts <= 1:
+        if waiter is not None:
             waiter(peer.node_id, reply.stats)
-            return
-        # Gathered only for a request still waited for (cancel_stats_request drops them).
-        gathered = self._stats_parts.setdefault((reply.request_id, peer.node_id), {})
-        whole = stats.gather_part(gathered, reply.stats, parts, STATS_PARTS_MAX)
-        if whole is not None:
-            del self._stats_parts[(reply.request_id, peer.node_id)]
-            waiter(peer.node_id, whole)
 
     def _tick(self) -> None:
         """Periodic checks, run by the receiver between batches: at least every 50 ms while a
@@ -1217,15 +1244,14 @@ class MeshNode:
     ) -> None:
         """Ask every peer for its stats (mesh_status); replies arrive on the receiver thread."""
         self._stats_waiters[request_id] = on_reply
+        reply_to = self._inbox.address if self._inbox is not None else ""
         with self._lock:
-            self._outbox.append((Kind.STATS_REQUEST, request_id))
+            self._outbox.append((Kind.STATS_REQUEST, [request_id, reply_to]))
         self._wake.set()
 
     def cancel_stats_request(self, request_id: int) -> None:
         """Stop passing on replies to ``request_id`` (late ones are then ignored)."""
         self._stats_waiters.pop(request_id, None)
-        for key in [key for key in self._stats_parts if key[0] == request_id]:
-            del self._stats_parts[key]
 
     def peers(self) -> list[Peer]:
         with self._lock:
@@ -1278,7 +1304,16 @@ def _advertised_address(config: MeshSettings, port: int) -> str:
     return format_address(_default_host(config.bind), port)
 
 
-def _default_host(bind: str) -> str:
+def _reply_address(config: MeshSettings, port: int) -> str:
+    """Where an observer's stats replies come to: its host as a node would advertise it."""
+    if config.advertise:
+        host, _ = parse_address("ADVERTISE", config.advertise)
+    else:
+        host = _default_host(config.bind, warn=False)
+    return format_address(host, port)
+
+
+def _default_host(bind: str, *, warn: bool = True) -> str:
     if bind not in {"0.0.0.0", "::", ""}:
         return bind
     try:
@@ -1289,6 +1324,8 @@ def _default_host(bind: str) -> str:
                 return address
     except OSError:
         pass
+    if not warn:
+        return "127.0.0.1"
     logger.warning(
         "mesh: no non-loopback address found for this host; advertising 127.0.0.1. "
         "Set WARPMESH['ADVERTISE'] (or WARPMESH_ADVERTISE) so other hosts can reach it."

@@ -342,12 +342,10 @@ class Run:
             heartbeat = p.Heartbeat(ADDRESS, peer.sent_ns, echo, self.draw.chance(32))
             body = p.heartbeat_body(heartbeat)
         elif kind is p.Kind.STATS_REQUEST:
-            body = self.draw.below(4)
+            body = [self.draw.below(4), "127.0.0.1:9"]
         elif kind is p.Kind.STATS_REPLY:
             requester = self.node.node_id if self.draw.chance(200) else peer.node_id
             stats: dict[str, Any] = {"node_id": peer.node_id.hex(), "peers": [{"id": "x"}]}
-            if self.draw.chance(128):
-                stats.update(reply_part=self.draw.below(4), reply_parts=self.draw.below(5))
             body = p.stats_reply_body(p.StatsReply(self.draw.below(3), requester, stats))
         elif kind is p.Kind.BYE_ACK:
             body = self.node.node_id if self.draw.chance(128) else peer.node_id
@@ -417,7 +415,6 @@ class Run:
             list(node._outbox),
             set(node._bye_acks),
             dict(node._recent_tags),
-            {key: dict(parts) for key, parts in node._stats_parts.items()},
             [(s.applied, s.flushes) for s in self.stores.values()],
             (
                 node.counters.flushes,
@@ -440,7 +437,6 @@ class Run:
         assert len(node._dropped) <= self.h.core.DROPPED_PIPES_KEPT
         assert len(node._strikes) <= PIPES
         assert set(node._links.pipes) <= node._links.live_pipes
-        assert len(node._stats_parts) <= PEERS
 
 
 STATE_NAMES = (
@@ -457,7 +453,6 @@ STATE_NAMES = (
     "outbox",
     "bye_acks",
     "recent_tags",
-    "stats_parts",
     "stores (applied, flushes)",
     "counters (flushes, invalidations_received, gaps_detected)",
 )
