@@ -227,7 +227,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "SECRET": ("secret", _as_optional_str),
     "STARTUP_WAIT": ("startup_wait", _as_optional_seconds),
     "QUEUE_SIZE": ("queue_size", lambda n, v: _as_int(n, v, minimum=16)),
-    "BUFFER_SIZE": ("buffer_size", lambda n, v: _as_int(n, v, minimum=16, maximum=1 << 20)),
+    # nng's Bus0 refuses buffers of more than 8192 messages (the node would not start).
+    "BUFFER_SIZE": ("buffer_size", lambda n, v: _as_int(n, v, minimum=16, maximum=8192)),
     "MAX_FRAME_BYTES": (
         "max_frame_bytes",
         lambda n, v: _as_int(n, v, minimum=4096, maximum=64 * 1024 * 1024),
