@@ -27,6 +27,8 @@ logger = logging.getLogger("django_warpmesh")
 MAX_IN_FLIGHT = 4
 # How long a reply may take to be delivered and acknowledged.
 REPLY_TIMEOUT_MS = 3000
+# How long the asker's receive waits before it looks whether it is closing.
+INBOX_POLL_MS = 100
 
 
 class ReplyInbox:
@@ -43,7 +45,10 @@ class ReplyInbox:
         on_reply: Callable[[bytes], None],
     ) -> None:
         self._on_reply = on_reply
-        self._socket = pynng.Rep0(recv_max_size=max_bytes)
+        # Receives wait at most this long: closing the socket while a receive is under way on
+        # another thread aborts the process (nng), so close() stops the thread first.
+        self._socket = pynng.Rep0(recv_max_size=max_bytes, recv_timeout=INBOX_POLL_MS)
+        self._closing = threading.Event()
         # A port of the mesh's own range first: the one firewalls already open between the
         # instances; any free port only when all are taken.
         listener: Any = None
@@ -63,12 +68,12 @@ class ReplyInbox:
 
     def _run(self) -> None:
         sock = self._socket
-        while True:
+        while not self._closing.is_set():
             try:
                 data = sock.recv()
             except pynng.Closed:
                 return
-            except pynng.NNGException:
+            except pynng.NNGException:  # the poll interval passed (Timeout), or a bad message
                 continue
             try:
                 self._on_reply(data)
@@ -78,8 +83,11 @@ class ReplyInbox:
                 sock.send(b"")
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._socket.close()
+        self._closing.set()
+        self._thread.join(INBOX_POLL_MS / 1000 * 4)
+        if not self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._socket.close()
 
 
 class ReplySender:
