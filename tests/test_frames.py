@@ -176,9 +176,19 @@ def test_wrong_secret_and_foreign_origin_are_rejected(target: tuple[MeshProcess,
             origin=os.urandom(protocol.NODE_ID_SIZE),
         )
         peer.socket.send(b"\x00garbage" * 10)
-        wait_for(lambda: proc.stats()["frames_rejected"] >= 4, 5, message="rejections")
-        reasons = proc.stats()["rejected_by_reason"]
-        assert reasons["bad_mac"] == 3
+
+        def rejected() -> dict[str, int]:
+            return proc.stats()["rejected_by_reason"]  # type: ignore[no-any-return]
+
+        # The stranger's first frame fails: its connection is hung up on at once, so its
+        # second is rejected too if it was already taken in, or dropped with the connection.
+        wait_for(
+            lambda: rejected().get("bad_mac", 0) >= 2 and rejected().get("foreign_origin") == 1,
+            5,
+            message="rejections",
+        )
+        reasons = rejected()
+        assert reasons["bad_mac"] + reasons.get("dropped_connection", 0) <= 3
         assert reasons["foreign_origin"] == 1
         assert proc.stored("a")
         assert proc.cache("get", "a") == "a"
