@@ -3,11 +3,9 @@ limit, connections hung up on, drains that end. Nodes driven directly, without t
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pynng
@@ -18,34 +16,9 @@ from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.node.core import PIPE_STRIKES, REPLY_MAX_BYTES
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
+from tests.fakes import Clock, FakeMessage, FakePipe
 
 KEY = b"k" * 32
-_ids = itertools.count(1)
-
-
-@dataclass
-class FakePipe:
-    id: int = field(default_factory=lambda: next(_ids))
-    dialer: None = None
-    remote_address: str = "127.0.0.1:40000"
-    closed: int = 0
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-@dataclass
-class FakeMessage:
-    bytes: bytes
-    pipe: FakePipe
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def node(clock: Clock | None = None, **warpmesh: Any) -> MeshNode:

@@ -18,20 +18,10 @@ from django_warpmesh.node.peers import (
     Seq,
 )
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Stamped
+from tests.fakes import Clock
 
 A, B, C, D = (bytes([n]) * 8 for n in range(1, 5))
 EPOCH = 1_700_000_000_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

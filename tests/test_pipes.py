@@ -11,30 +11,11 @@ from django_warpmesh.conf import parse
 from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
+from tests.fakes import FakeDialer, FakeMessage, FakePipe
 
 KEY = b"k" * 32
 SMALLER, LARGER = b"\x00" * protocol.NODE_ID_SIZE, b"\xff" * protocol.NODE_ID_SIZE
 ADDRESS = "127.0.0.1:1"
-
-
-@dataclass
-class FakeDialer:
-    closed: bool = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@dataclass
-class FakePipe:
-    id: int
-    dialer: FakeDialer | None = None
-
-
-@dataclass
-class FakeMessage:
-    bytes: bytes
-    pipe: FakePipe
 
 
 @dataclass

@@ -17,29 +17,10 @@ from django_warpmesh.conf import parse
 from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import GAP_GRACE, MeshNode
 from django_warpmesh.protocol import Kind, Op, OpCode
+from tests.fakes import Clock, FakeMessage, FakePipe, FakeSocket
 
 KEY = b"k" * 32
 UNSENDABLE = "\udcff"  # a lone surrogate (os.fsdecode of a non-UTF-8 name): msgpack refuses it
-
-
-@dataclass
-class FakeSocket:
-    sent: list[bytes] = field(default_factory=list)
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-
-@dataclass
-class FakePipe:
-    id: int
-    dialer: None = None
-
-
-@dataclass
-class FakeMessage:
-    bytes: bytes
-    pipe: FakePipe
 
 
 @dataclass
@@ -52,14 +33,6 @@ class RecordingStore:
 
     def flush(self) -> None:
         self.flushes += 1
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -33,6 +33,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from tests.fakes import Clock, FakeDialer, FakePipe
+
 KEY = b"fuzzing-key-not-a-secret-32bytes"
 OTHER_KEY = b"another-key-not-the-mesh-key-32b"
 CORPUS = Path(__file__).parent / "corpus_node"
@@ -87,25 +89,6 @@ class Draw:
 
 
 @dataclass
-class FakeDialer:
-    closed: bool = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@dataclass(eq=False)
-class FakePipe:
-    id: int
-    dialer: FakeDialer | None = None
-    remote_address: str = "127.0.0.1:40000"
-    closed: bool = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@dataclass
 class FakeMessage:
     bytes: bytes
     pipe: FakePipe
@@ -121,14 +104,6 @@ class RecordingStore:
 
     def flush(self) -> None:
         self.flushes += 1
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -246,7 +221,7 @@ class Run:
             step = self.draw.below(5)
             if step == 0:
                 pipe = self.pipes[1 + self.draw.below(PIPES)]
-                pipe.closed = False
+                pipe.closed = 0
                 self.node._on_pipe_connect(pipe)
             elif step == 1:
                 self.node._on_pipe_remove(self.pipes[1 + self.draw.below(PIPES)])
