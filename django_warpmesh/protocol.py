@@ -27,13 +27,16 @@ from typing import Any, ClassVar, Final, NamedTuple, TypeAlias
 
 import msgpack
 
-VERSION: Final = 1
+VERSION: Final = 2
 TAG_SIZE: Final = 16
 NODE_ID_SIZE: Final = 8
 DIGEST_SIZE: Final = 8
 # The fixed part of a frame: array header, version, kind, origin, epoch, seq, tag.
 FRAME_OVERHEAD: Final = 1 + 1 + 1 + (2 + NODE_ID_SIZE) + 9 + 9 + TAG_SIZE
 _MAX_SEQ: Final = (1 << 64) - 1
+# A heartbeat period a peer may promise: a day (the period is HEARTBEAT, at most 3,600 s,
+# times the mesh's size over HEARTBEAT_FANIN, at most 4,096 peers over 8).
+MAX_PERIOD_MS: Final = 86_400_000
 _ARRAY6: Final = 0x96
 
 
@@ -187,24 +190,30 @@ def _validate_ops(body: object) -> list[Op]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """What a node says of itself every HEARTBEAT seconds (and at once on a new connection).
+    """What a node says of itself every heartbeat period (and at once on a new connection).
 
-    ``echo`` lets every peer measure its round trip to us without a ping frame of its own:
-    for each peer we heard, the ``sent_ns`` of its last heartbeat and how long we held it.
+    ``echo`` lets some peers measure their round trip to us without a ping frame of their own:
+    for each, the ``sent_ns`` of its last heartbeat and how long we held it. ``period_ms`` is
+    the sender's promise of its next heartbeat (its period grows with the mesh, so that each
+    node hears a bounded number of heartbeats whatever the mesh's size): peers count it lost
+    after ``LIVENESS_HEARTBEATS`` periods of silence. 0: not stated (the receiver's own).
     """
 
     address: str
     sent_ns: int
     echo: tuple[tuple[bytes, int, int], ...] = ()
     observer: bool = False
+    period_ms: int = 0
 
 
 def _validate_heartbeat(body: object) -> Heartbeat:
-    if not isinstance(body, list) or len(body) != 4:
+    if not isinstance(body, list) or len(body) != 5:
         raise ProtocolError("malformed", "heartbeat body")
-    address, sent_ns, echo, observer = body
+    address, sent_ns, echo, observer, period_ms = body
     if type(address) is not str or type(sent_ns) is not int or type(observer) is not bool:
         raise ProtocolError("malformed", "heartbeat fields")
+    if type(period_ms) is not int or not 0 <= period_ms <= MAX_PERIOD_MS:
+        raise ProtocolError("malformed", "heartbeat period")
     if not isinstance(echo, list) or not all(
         isinstance(entry, list)
         and len(entry) == 3
@@ -215,7 +224,8 @@ def _validate_heartbeat(body: object) -> Heartbeat:
         for entry in echo
     ):
         raise ProtocolError("malformed", "heartbeat echo")
-    return Heartbeat(address, sent_ns, tuple((e[0], e[1], e[2]) for e in echo), observer)
+    echoed = tuple((e[0], e[1], e[2]) for e in echo)
+    return Heartbeat(address, sent_ns, echoed, observer, period_ms)
 
 
 class Stamped(NamedTuple):
@@ -311,6 +321,7 @@ def heartbeat_body(heartbeat: Heartbeat) -> list[Any]:
         heartbeat.sent_ns,
         [list(entry) for entry in heartbeat.echo],
         heartbeat.observer,
+        heartbeat.period_ms,
     ]
 
 

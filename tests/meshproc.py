@@ -81,6 +81,11 @@ def main() -> None:
     from django.conf import settings
 
     django.setup()
+    if "WARPMESH_TEST_HEARTBEAT_FANIN" in os.environ:
+        # A mesh of a few processes behaves as a large one would (test_scale.py).
+        from django_warpmesh.node import peers
+
+        peers.HEARTBEAT_FANIN = float(os.environ["WARPMESH_TEST_HEARTBEAT_FANIN"])  # type: ignore[assignment]
     settings.WARPMESH = json.loads(os.environ.get("WARPMESH_JSON", "{}"))
     # As override_settings would: whatever parsed WARPMESH during setup parses it again.
     from django.core.signals import setting_changed

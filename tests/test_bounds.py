@@ -3,6 +3,7 @@ limit, connections hung up on, drains that end. Nodes driven directly, without t
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from django_warpmesh.conf import parse
 from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.node.core import PIPE_STRIKES, REPLY_MAX_BYTES
+from django_warpmesh.node.peers import HEARTBEAT_FANIN
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
 from tests.fakes import Clock, FakeMessage, FakePipe
 
@@ -173,6 +175,8 @@ def test_pynng_forgets_the_pipes_of_connections_gone() -> None:
 
 
 def test_a_heartbeat_with_more_live_peers_than_fit_echoes_them_in_turns() -> None:
+    """A heartbeat echoes HEARTBEAT_FANIN peers at most (its cost to every receiver does not
+    grow with the mesh), never more than fit a frame, and every peer in turn."""
     sender = node()
     sent: list[bytes] = []
 
@@ -186,11 +190,13 @@ def test_a_heartbeat_with_more_live_peers_than_fit_echoes_them_in_turns() -> Non
         peer = sender._table.add(node_id)
         peer.alive, peer.heard_ns, peer.heard_at_ns = True, 5, 6
     echoed: set[bytes] = set()
-    for _ in range(10):
+    for _ in range(math.ceil(len(ids) / HEARTBEAT_FANIN)):
         sender._send_heartbeat()
     for data in sent:
         assert len(data) <= sender.config.max_frame_bytes
-        echoed |= {entry[0] for entry in sender.codec.decode(data).body.echo}
+        echo = sender.codec.decode(data).body.echo
+        assert len(echo) == HEARTBEAT_FANIN
+        echoed |= {entry[0] for entry in echo}
     assert echoed == set(ids)
 
 

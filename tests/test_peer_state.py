@@ -242,7 +242,7 @@ def test_what_the_rest_of_the_node_reads(table: PeerTable) -> None:
     # Both names of each live peer (the observer was not dialled: no second name).
     assert table.alive_addresses() == {"10.0.0.1:7934", "web-1:7934", "10.0.0.2:7934", ""}
     assert table.alive_members() == {A}
-    assert table.echo(now_ns=400) == ((A, 50, 300),)
+    assert table.echo(now_ns=400) == [(A, 50, 300)]
     assert table.members() == [member, silent]
 
 

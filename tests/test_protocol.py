@@ -136,6 +136,7 @@ def test_heartbeat_round_trips(codec: Codec) -> None:
         sent_ns=123_456_789_000,
         echo=((b"A" * NODE_ID_SIZE, 987_654_321, 1_500), (b"B" * NODE_ID_SIZE, 0, 0)),
         observer=True,
+        period_ms=7_875,
     )
     body = protocol.heartbeat_body(heartbeat)
     assert body == [
@@ -143,6 +144,7 @@ def test_heartbeat_round_trips(codec: Codec) -> None:
         123_456_789_000,
         [[b"A" * NODE_ID_SIZE, 987_654_321, 1_500], [b"B" * NODE_ID_SIZE, 0, 0]],
         True,
+        7_875,
     ]
     frame = codec.decode(codec.encode(Frame(Kind.HEARTBEAT, ORIGIN, EPOCH, 9, body)))
     assert frame == Frame(Kind.HEARTBEAT, ORIGIN, EPOCH, 9, heartbeat)
@@ -156,6 +158,26 @@ def test_empty_heartbeat_round_trips(codec: Codec) -> None:
     assert frame.body == heartbeat
     assert frame.body.echo == ()
     assert frame.body.observer is False
+    assert frame.body.period_ms == 0
+
+
+@pytest.mark.parametrize("period_ms", [-1, protocol.MAX_PERIOD_MS + 1, 1.5, True, None])
+def test_a_heartbeat_promising_an_impossible_period_is_rejected(
+    codec: Codec, period_ms: object
+) -> None:
+    body = [*protocol.heartbeat_body(Heartbeat("", 1))[:4], period_ms]
+    with pytest.raises(ProtocolError) as caught:
+        codec.decode(codec.encode(Frame(Kind.HEARTBEAT, ORIGIN, EPOCH, 0, body)))
+    assert caught.value.reason == "malformed"
+
+
+def test_a_heartbeat_of_the_previous_protocol_version_is_rejected_as_such(codec: Codec) -> None:
+    # Version 1 heartbeats had no period: a mixed fleet fails loudly, never half-works.
+    data = bytearray(codec.encode(Frame(Kind.HEARTBEAT, ORIGIN, EPOCH, 0, ["", 1, [], False, 0])))
+    data[1] = 1
+    with pytest.raises(ProtocolError) as caught:
+        codec.decode(bytes(data))
+    assert caught.value.reason == "unknown_version"
 
 
 def bye(epoch: int = EPOCH, seq: int = 4) -> Frame:
@@ -381,22 +403,22 @@ def test_too_short_is_malformed(codec: Codec, data: bytes) -> None:
     assert reason_of(codec, data) == "malformed"
 
 
-@pytest.mark.parametrize("version", [0, 2, 127])
+@pytest.mark.parametrize("version", [0, 1, 3, 127])
 def test_unknown_version_is_reported_before_the_mac(codec: Codec, version: int) -> None:
     # A node on another protocol version is counted as such even if its key differs too.
     data = sign(pack([version, 1, ORIGIN, EPOCH, 1, None]), OTHER_KEY)
     assert reason_of(codec, data) == "unknown_version"
 
 
-@pytest.mark.parametrize("version", [2, 200, 70_000, -1, "1", None, [1]])
+@pytest.mark.parametrize("version", [1, 3, 200, 70_000, -1, "2", None, [2]])
 def test_unknown_version_with_valid_mac(codec: Codec, version: object) -> None:
     assert reason_of(codec, signed_fields(None, version=version, kind=3)) == "unknown_version"
 
 
 def test_version_in_a_long_encoding_is_checked_after_the_mac(codec: Codec) -> None:
-    # Version 2 as msgpack uint8 slips past the one-byte pre-check, so the MAC is checked first.
+    # Version 3 as msgpack uint8 slips past the one-byte pre-check, so the MAC is checked first.
     rest = pack(3) + pack(ORIGIN) + pack(EPOCH) + pack(1) + pack(None)
-    assert reason_of(codec, sign(b"\x96\xcc\x02" + rest)) == "unknown_version"
+    assert reason_of(codec, sign(b"\x96\xcc\x03" + rest)) == "unknown_version"
     assert reason_of(codec, sign(b"\x96\xcc\x02" + rest, OTHER_KEY)) == "bad_mac"
 
 
@@ -410,8 +432,8 @@ def test_problem_detail_is_in_the_message(codec: Codec) -> None:
 MALFORMED_FRAMES: dict[str, bytes] = {
     # Envelope.
     "not msgpack": sign(b"\xc1" * 30),
-    "truncated msgpack": sign(pack([1, 3, ORIGIN, EPOCH, 1, None])[:-3]),
-    "trailing data": sign(pack([1, 3, ORIGIN, EPOCH, 1, None]) + b"\xc0"),
+    "truncated msgpack": sign(pack([VERSION, 3, ORIGIN, EPOCH, 1, None])[:-3]),
+    "trailing data": sign(pack([VERSION, 3, ORIGIN, EPOCH, 1, None]) + b"\xc0"),
     "not an array": sign(pack({"version": 1, "kind": 3, "origin": ORIGIN, "e": 1, "s": 1})),
     "5 fields": sign(pack([1, 3, ORIGIN, EPOCH, 1])),
     "7 fields": sign(pack([1, 3, ORIGIN, EPOCH, 1, None, None])),

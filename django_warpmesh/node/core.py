@@ -40,7 +40,15 @@ from django_warpmesh.node.config import MeshSettings, format_address, parse_addr
 from django_warpmesh.node.interfaces import DiscoveryError, PeerRegistry, Store
 from django_warpmesh.node.links import Links
 from django_warpmesh.node.ops import coalesce, single_op
-from django_warpmesh.node.peers import LIVENESS_HEARTBEATS, Epoch, Peer, PeerTable, Seq
+from django_warpmesh.node.peers import (
+    HEARTBEAT_FANIN,
+    LIVENESS_HEARTBEATS,
+    Epoch,
+    Peer,
+    PeerTable,
+    Seq,
+    heartbeat_period,
+)
 from django_warpmesh.node.relay import RelayHub, wire_op
 from django_warpmesh.node.replies import ReplyInbox, ReplySender
 from django_warpmesh.node.tls import TLSTransport
@@ -219,6 +227,11 @@ class MeshNode:
         self._strikes: dict[int, int] = {}
         self._dropped: dict[int, None] = {}
         self._echo_from = 0  # where the next heartbeat's echo starts, when not all fit
+        self._echoed: set[bytes] = set()  # peers echoed once at least (their RTT can be known)
+        # When a heartbeat is due to confirm the invalidations sent since the last one (inf:
+        # none sent), and the period the last heartbeat promised.
+        self._confirm_by = math.inf
+        self.period = config.heartbeat
         self._socket: Any = None
         self._hub: RelayHub | None = None  # children forked after the socket opened
         self._replies: ReplySender | None = None  # stats replies, to the asker only
@@ -474,7 +487,7 @@ class MeshNode:
         self._wake.set()
 
     def _on_pipe_remove(self, pipe: Any) -> None:
-        if self._links.removed(pipe.id):
+        if self._links.removed(pipe.id, self._clock()):
             self._maintain.set()  # a parked link went: the maintenance thread dials again
 
     def _check_ready(self) -> None:
@@ -507,8 +520,11 @@ class MeshNode:
         next_heartbeat = 0.0
         while True:
             now = self._clock()
-            # A leaving node's held invalidations must go at _leave_by, woken or not.
-            timeout = max(0.0, min(next_heartbeat, self._leave_by) - now)
+            # A leaving node's held invalidations must go at _leave_by, woken or not; a frame
+            # sent since the last heartbeat is confirmed by one within HEARTBEAT (see
+            # _send_invalidate), however long the idle period has grown.
+            due = min(next_heartbeat, self._confirm_by)
+            timeout = max(0.0, min(due, self._leave_by) - now)
             self._wake.wait(timeout)
             stopping = self._stop.is_set()
             try:
@@ -516,12 +532,12 @@ class MeshNode:
                 now = self._clock()
                 # Nothing after the goodbye: a heartbeat would make the peers count us alive
                 # again, then lost, and flush.
-                beat = now >= next_heartbeat or self._heartbeat_now.is_set()
+                beat = now >= min(next_heartbeat, self._confirm_by) or self._heartbeat_now.is_set()
                 if beat and not stopping and not self._bye_sent.is_set():
                     self._heartbeat_now.clear()
                     with self._send_lock:
-                        self._send_heartbeat()
-                    next_heartbeat = now + self.config.heartbeat
+                        period = self._send_heartbeat()
+                    next_heartbeat = now + period
             except Exception:
                 # Never let the sender die: a dead sender would leave every peer stale.
                 logger.exception("mesh: sender error (continuing)")
@@ -617,6 +633,12 @@ class MeshNode:
         # The seq is taken before anything can fail: a frame that is never sent still leaves a
         # gap that peers see on our next frame (a heartbeat at the latest), and they flush.
         self._seq += 1
+        if self._confirm_by == math.inf:
+            # The first frame since the last heartbeat: if it is lost and nothing follows it,
+            # only a heartbeat shows the gap, so one goes within HEARTBEAT (not the period,
+            # which grows with the mesh). Once per heartbeat, not per frame.
+            self._confirm_by = self._clock() + self.config.heartbeat
+            self._wake.set()
         frame = Frame(Kind.INVALIDATE, self.node_id, self.epoch, self._seq, protocol.ops_body(ops))
         try:
             data = self.codec.encode(frame)
@@ -676,21 +698,38 @@ class MeshNode:
         self.counters.frames_sent += 1
         return True
 
-    def _send_heartbeat(self) -> None:
+    def _send_heartbeat(self) -> float:
+        """Send a heartbeat (the caller holds the send lock); returns the period it promised."""
         now_ns = self._next_stamp()
         with self._lock:
             echo = self._table.echo(now_ns)
-        # A heartbeat must fit MAX_FRAME_BYTES like any frame (peers refuse larger ones): with
-        # more live peers than fit, each heartbeat echoes the next slice of them, so every
-        # peer still gets its round trip measured, every few heartbeats.
+            members = self._table.members_alive()
+        period = self.config.heartbeat if self.observer else self.heartbeat_period(members)
+        # Echo a few peers per heartbeat, new ones first, the rest in turn: every peer still
+        # gets its round trip measured, and a heartbeat costs its receivers the same whatever
+        # the mesh's size (and fits MAX_FRAME_BYTES, as every frame must).
         room = self.config.max_frame_bytes - protocol.FRAME_OVERHEAD - HEARTBEAT_FIXED
-        fits = max(1, (room - len(self.address.encode())) // ECHO_ENTRY_MAX)
+        fits = max(1, min(HEARTBEAT_FANIN, (room - len(self.address.encode())) // ECHO_ENTRY_MAX))
         if len(echo) > fits:
-            start = self._echo_from % len(echo)
-            echo = (echo + echo)[start : start + fits]
-            self._echo_from = start + fits
-        heartbeat = Heartbeat(self.address, now_ns, echo, self.observer)
+            echoed = self._echoed
+            new = [entry for entry in echo if entry[0] not in echoed][:fits]
+            rest = [entry for entry in echo if entry[0] in echoed]
+            start = self._echo_from % len(rest) if rest else 0
+            echo = new + (rest + rest)[start : start + fits - len(new)]
+            self._echo_from = start + fits - len(new)
+            self._echoed = {entry[0] for entry in rest} | {entry[0] for entry in echo}
+        else:
+            self._echoed = {entry[0] for entry in echo}
+        heartbeat = Heartbeat(
+            self.address, now_ns, tuple(echo), self.observer, round(period * 1000)
+        )
         self._send(Kind.HEARTBEAT, protocol.heartbeat_body(heartbeat))
+        self._confirm_by = math.inf
+        self.period = period
+        return period
+
+    def heartbeat_period(self, members: int) -> float:
+        return heartbeat_period(self.config.heartbeat, members)
 
     # -- receiver -----------------------------------------------------------------------------
 
@@ -1036,6 +1075,7 @@ class MeshNode:
             self._hub.forward_flush()
 
     def _on_heartbeat(self, peer: Peer, heartbeat: Heartbeat, was_alive: bool) -> None:
+        peer.period = heartbeat.period_ms / 1000
         peer.heard_ns = heartbeat.sent_ns
         peer.heard_at_ns = time.monotonic_ns()
         peer.observer = heartbeat.observer
@@ -1284,6 +1324,7 @@ class MeshNode:
             "started_at": self.started_at,
             "ready": self.ready,
             "degraded": self.degraded,
+            "heartbeat_period": self.period,
             "discovery": self.registry.description,
             "discovery_error": self.discovery_error,
             "discovery_failures": self.discovery_failures,

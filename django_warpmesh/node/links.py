@@ -107,8 +107,9 @@ class Links:
                 self.pipes[pipe_id] = pipe
                 self.connected_at[pipe_id] = at
 
-    def removed(self, pipe_id: int) -> bool:
-        """A pipe went. True if it carried a parked link: that address must be dialled again."""
+    def removed(self, pipe_id: int, at: float) -> bool:
+        """A pipe went (at clock reading ``at``). True if it carried a parked link: that address
+        must be dialled again."""
         with self._lock:
             self.live_pipes.discard(pipe_id)
             self.self_pipes.discard(pipe_id)
@@ -122,6 +123,7 @@ class Links:
             peer.pipes.discard(pipe_id)
             if peer.pipes:
                 return False
+            peer.pipeless_since = at
             # The pipe that carried a parked link went: dial that peer ourselves again.
             unpark = {a for a, node_id in self.parked.items() if node_id == owner}
             self.unpark |= unpark
@@ -149,6 +151,7 @@ class Links:
             peer = self._peers.get_or_add(origin)
             if pipe_id not in peer.pipes:
                 peer.pipes.add(pipe_id)
+                peer.pipeless_since = None
                 dialed_as = self.dialed_address(pipe)
                 if dialed_as:
                     self.pipe_dialed[pipe_id] = dialed_as

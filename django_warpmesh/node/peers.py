@@ -24,8 +24,12 @@ from django_warpmesh.protocol import Frame, Kind
 # How long a sequence number may stay missing before we call it lost. Frames of one origin can
 # arrive out of order when two pipes join the same pair of nodes (both dialled each other).
 GAP_GRACE = 0.05
-# A peer heard from within this many heartbeats counts as alive.
+# A peer heard from within this many of its heartbeat periods counts as alive.
 LIVENESS_HEARTBEATS = 3
+# Heartbeats a node hears per HEARTBEAT interval at most, whatever the mesh's size: past this
+# many peers, each one's period grows with the mesh (see heartbeat_period), so the idle cost of
+# a process is constant in N and only the liveness bound of a silent peer grows.
+HEARTBEAT_FANIN = 8
 # Missing seqs tracked per peer before a gap is declared at once instead of waited on.
 MAX_MISSING = 4096
 # Peers (alive or remembered for their sequence numbers) kept at most.
@@ -48,6 +52,11 @@ class Peer:
     control_ns: int = 0  # the stamp of its last control frame accepted (replay protection)
     latest_tag: bytes = b""  # the tag of its latest frame accepted (see MeshNode._handle_batch)
     heard_at_ns: int = 0
+    # Its promised heartbeat period (seconds; 0: not stated yet, the table's default applies).
+    period: float = 0.0
+    # Since when it has had no connection left (nng mesh only): a process that dies on a host
+    # that stays up closes its connections, which shows long before its silence does.
+    pipeless_since: float | None = None
     latency_ms: float | None = None
     alive: bool = False
     observer: bool = False
@@ -102,7 +111,9 @@ class PeerTable:
         max_peers: int = MAX_PEERS,
     ) -> None:
         self.clock = clock
-        self.liveness = liveness  # seconds without a frame after which a peer is lost
+        # Seconds without a frame after which a peer is lost (one that stated no period), and
+        # without a connection (one that had one): LIVENESS_HEARTBEATS x our own HEARTBEAT.
+        self.liveness = liveness
         self.max_peers = max_peers
         self.peers: dict[bytes, Peer] = {}
 
@@ -217,10 +228,21 @@ class PeerTable:
             if peer.missing and now - min(peer.missing.values()) > GAP_GRACE:
                 peer.missing.clear()
                 gaps.append(peer)
-            if peer.alive and now - peer.last_heard > self.liveness:
+            if peer.alive and (
+                now - peer.last_heard > self.liveness_of(peer)
+                or (peer.pipeless_since is not None and now - peer.pipeless_since > self.liveness)
+            ):
                 peer.alive = False
                 lost.append(peer)
         return gaps, lost
+
+    def liveness_of(self, peer: Peer) -> float:
+        """How long ``peer`` may stay silent before it is lost: its own promise, if it made one."""
+        return LIVENESS_HEARTBEATS * peer.period if peer.period else self.liveness
+
+    def members_alive(self) -> int:
+        """How many peers alive are part of the mesh (not observers): what a period scales with."""
+        return sum(1 for peer in self.peers.values() if peer.alive and not peer.observer)
 
     def any_missing(self) -> bool:
         return any(peer.missing for peer in list(self.peers.values()))
@@ -235,17 +257,24 @@ class PeerTable:
         """The ids of the peers alive that are part of the mesh (not observers)."""
         return {peer.node_id for peer in self.peers.values() if peer.alive and not peer.observer}
 
-    def echo(self, now_ns: int) -> tuple[tuple[bytes, int, int], ...]:
+    def echo(self, now_ns: int) -> list[tuple[bytes, int, int]]:
         """For a heartbeat: each live peer's last heartbeat stamp, and how long it was held."""
-        return tuple(
+        return [
             (peer.node_id, peer.heard_ns, now_ns - peer.heard_at_ns)
             for peer in self.peers.values()
             if peer.alive and peer.heard_ns
-        )
+        ]
 
     def members(self) -> list[Peer]:
         """Every peer but observers (``mesh_status``)."""
         return [peer for peer in self.peers.values() if not peer.observer]
+
+
+def heartbeat_period(heartbeat: float, members: int) -> float:
+    """A node's heartbeat period in a mesh of ``members`` other processes: ``heartbeat`` up to
+    HEARTBEAT_FANIN of them, then growing with the mesh, so that every node hears about
+    HEARTBEAT_FANIN heartbeats per ``heartbeat`` seconds whatever its size."""
+    return heartbeat * max(1.0, members / HEARTBEAT_FANIN)
 
 
 def _first_contact_missed(sent_before: int, ready: bool) -> bool:

@@ -86,6 +86,7 @@ def peer_rows(
                 "invalidations_received": peer.invalidations_received,
                 "gaps_detected": peer.gaps_detected,
                 "last_heard_s": round(clock() - peer.last_heard, 3),
+                "heartbeat_period": peer.period or None,
             }
         )
     known = {row["address"] for row in rows} | {peer.dialed_as for peer in peers}
@@ -99,6 +100,7 @@ def peer_rows(
                 "invalidations_received": 0,
                 "gaps_detected": 0,
                 "last_heard_s": None,
+                "heartbeat_period": None,
             }
         )
     return rows
