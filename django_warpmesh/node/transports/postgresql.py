@@ -35,8 +35,10 @@ byte-identical frames in one burst arrive once (node frames carry a sequence num
 identical).
 
 Outages: when either connection fails the transport reports ``transport_lost`` and refuses
-frames (``send`` returns False) until both are back; frames queued but not yet published when the
-sender's connection fails are dropped and counted (``send_lost``), never sent late. Frames
+frames (``send`` returns False) until both are back. Both are reopened, the one that did not fail
+too: it was opened before the loss and may have died in the same event without knowing it yet,
+and ``transport_connected`` must mean both links work. Frames queued but not yet published when
+the sender's connection fails are dropped and counted (``send_lost``), never sent late. Frames
 published by others while the listener is down are never delivered to it: PostgreSQL keeps no
 notification for a session that is not listening.
 
@@ -216,6 +218,10 @@ class _Waker:
                     os.close(fd)
 
 
+class _Renew(Exception):
+    """The other connection failed: this one, opened before that loss, is replaced too."""
+
+
 class _PartialReply:
     """A stats reply whose chunks are still arriving."""
 
@@ -264,6 +270,10 @@ class PostgresTransport(BrokerTransport):
         self._event_lock = threading.Lock()
         self._events: TransportEvents | None = None
         self._up: set[str] = set()
+        # Bumped by each failure of a current connection. A connection opened before the latest
+        # loss may have died in the same event without knowing it yet: "connected" is declared
+        # only when both were opened since, so a loss renews both (see _Renew).
+        self._epoch = 0
         self._failure_logged = False
         self.connect_failures = 0  # connections (either) that failed to open or broke
         self._close_lock = threading.Lock()
@@ -407,8 +417,12 @@ class PostgresTransport(BrokerTransport):
 
     # -- connection state ---------------------------------------------------------------------
 
-    def _role_up(self, role: str) -> None:
+    def _role_up(self, role: str, epoch: int) -> None:
+        """``role``'s connection, opened at ``epoch``, is ready; raises _Renew if a loss
+        happened since it was opened."""
         with self._event_lock:
+            if epoch != self._epoch:
+                raise _Renew
             self._up.add(role)
             if self.connected or self._closing.is_set() or len(self._up) < 2:
                 return
@@ -425,13 +439,18 @@ class PostgresTransport(BrokerTransport):
                 )
             self._emit(lambda events: events.transport_connected())
 
-    def _role_down(self, role: str, reason: str) -> None:
+    def _role_down(self, role: str, reason: str, epoch: int | None) -> None:
+        """``role``'s connection failed (``epoch``: when it was opened; None if it never was)."""
         with self._event_lock:
             self._up.discard(role)
             self.last_error = f"{role}: {reason}"
             self.connect_failures += 1
             if self._closing.is_set():
                 return
+            if epoch == self._epoch:
+                self._epoch += 1
+                # The other thread sees its connection is now stale, and renews it.
+                (self._notify_waker if role == "listen" else self._listen_waker).wake()
             if self.connected:
                 self.connected = False
                 self.disconnects += 1
@@ -450,6 +469,14 @@ class PostgresTransport(BrokerTransport):
                     self.url,
                     reason,
                 )
+
+    def _renewing(self, role: str) -> None:
+        with self._event_lock:
+            self._up.discard(role)
+
+    def _check_current(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            raise _Renew
 
     def _emit(self, call: Callable[[TransportEvents], None]) -> None:
         if self._events is None:
@@ -487,8 +514,11 @@ class PostgresTransport(BrokerTransport):
         try:
             while not self._stopping.is_set():
                 conn = None
+                epoch: int | None = None
                 try:
+                    opening = self._epoch
                     conn = self._connect(self._listen_conninfo)
+                    epoch = opening
                     # Raw notifications (bytes), also those that arrive while LISTEN runs:
                     # psycopg's own handler would decode each payload to str first.
                     conn.pgconn.notify_handler = self._on_notify
@@ -496,15 +526,17 @@ class PostgresTransport(BrokerTransport):
                     self._listening_reply = None
                     self._listen_reply(conn)
                     self.listen_pid = conn.info.backend_pid
-                    self._role_up("listen")
+                    self._role_up("listen", epoch)
                     delay = RETRY_MIN
-                    self._pump_notifications(conn)
+                    self._pump_notifications(conn, epoch)
                     with contextlib.suppress(Exception):
                         conn.execute("UNLISTEN *")
+                except _Renew:
+                    self._renewing("listen")
                 except Exception as exc:
                     if self._stopping.is_set():
                         break
-                    self._role_down("listen", _reason(exc))
+                    self._role_down("listen", _reason(exc), epoch)
                     delay = self._backoff(delay, self._stopping)
                 finally:
                     self.listen_pid = None
@@ -523,8 +555,8 @@ class PostgresTransport(BrokerTransport):
         self._listening_reply = channel
         self._reply_listening.set()
 
-    def _pump_notifications(self, conn: psycopg.Connection[Any]) -> None:
-        """Read notifications until stopped; raises when the connection fails."""
+    def _pump_notifications(self, conn: psycopg.Connection[Any], epoch: int) -> None:
+        """Read notifications until stopped; raises when the connection fails or is stale."""
         from psycopg import OperationalError, pq
 
         pgconn = conn.pgconn
@@ -539,6 +571,7 @@ class PostgresTransport(BrokerTransport):
             for fd, _ in ready:
                 if fd == self._listen_waker.fd:
                     self._listen_waker.clear()
+                    self._check_current(epoch)
                     self._listen_reply(conn)
                     continue
                 pgconn.consume_input()  # raises when the server hung up
@@ -660,18 +693,23 @@ class PostgresTransport(BrokerTransport):
         try:
             while not self._closing.is_set():
                 conn = None
+                epoch: int | None = None
                 try:
+                    opening = self._epoch
                     conn = self._connect(self._notify_conninfo)
+                    epoch = opening
                     self.notify_pid = conn.info.backend_pid
-                    self._role_up("notify")
+                    self._role_up("notify", epoch)
                     delay = RETRY_MIN
-                    self._pump_bursts(conn)
+                    self._pump_bursts(conn, epoch)
                     return
+                except _Renew:
+                    self._renewing("notify")
                 except Exception as exc:
                     if self._closing.is_set():
                         break
                     # Down first, so send() refuses before the queue is emptied.
-                    self._role_down("notify", _reason(exc))
+                    self._role_down("notify", _reason(exc), epoch)
                     self._drop_queue()
                     delay = self._backoff(delay, self._closing)
                 finally:
@@ -682,8 +720,9 @@ class PostgresTransport(BrokerTransport):
             self._drop_queue()  # what close() had no time (or no connection) to send
             self._notify_waker.close()
 
-    def _pump_bursts(self, conn: psycopg.Connection[Any]) -> None:
-        """Publish what is queued until closed and flushed; raises when the connection fails."""
+    def _pump_bursts(self, conn: psycopg.Connection[Any], epoch: int) -> None:
+        """Publish what is queued until closed and flushed; raises when the connection fails or
+        is stale (what was queued while it was current is published first)."""
         from psycopg import OperationalError, pq
 
         pgconn = conn.pgconn
@@ -703,6 +742,7 @@ class PostgresTransport(BrokerTransport):
                 continue
             if closing:
                 return
+            self._check_current(epoch)
             for fd, _ in poller.poll():
                 if fd != self._notify_waker.fd:
                     pgconn.consume_input()
