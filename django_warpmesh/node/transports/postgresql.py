@@ -150,8 +150,9 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _conninfo(conninfo: str, application_name: str) -> str:
-    """The connection string of one of our sessions: the caller's, with our defaults added."""
+def _conninfo(conninfo: str, application_name: str, settings: dict[str, str]) -> str:
+    """The connection string of one of our sessions: the caller's, with our defaults and
+    ``settings`` (server settings of the session, unless the caller's string sets them)."""
     try:
         import psycopg
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -170,8 +171,10 @@ def _conninfo(conninfo: str, application_name: str) -> str:
     if psycopg.pq.version() >= 120000:
         params.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT_MS)
     options = str(params.get("options") or "")
-    if "statement_timeout" not in options:
-        params["options"] = f"{options} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+    for name, value in {"statement_timeout": str(STATEMENT_TIMEOUT_MS), **settings}.items():
+        if name not in options:
+            options = f"{options} -c {name}={value}".strip()
+    params["options"] = options
     return make_conninfo("", **params)
 
 
@@ -261,8 +264,14 @@ class PostgresTransport(BrokerTransport):
                 f"bad PostgreSQL channel {channel!r}: 1 to 63 characters of a-z, 0-9 and _"
             )
         super().__init__(display_url, channel, inbox_capacity=inbox_capacity)
-        self._listen_conninfo = _conninfo(conninfo, "warpmesh-listen")
-        self._notify_conninfo = _conninfo(conninfo, "warpmesh-notify")
+        self._listen_conninfo = _conninfo(conninfo, "warpmesh-listen", {})
+        # A NOTIFY transaction commits (and flushes WAL) holding a lock global to the server;
+        # waiting for that flush buys nothing, as notifications never outlive a server restart
+        # anyway. Off, a commit costs about half as much (958 vs 1790 single-frame commits/s
+        # measured here) and the lock is released sooner for every other process.
+        self._notify_conninfo = _conninfo(
+            conninfo, "warpmesh-notify", {"synchronous_commit": "off"}
+        )
         self._channel_bytes = channel.encode("ascii")
         self.send_capacity = send_capacity
 
