@@ -96,7 +96,7 @@ Factory = Callable[..., Started]
 
 
 @pytest.fixture
-def start(conninfo: str, channel: str) -> Iterator[Factory]:
+def start(request: pytest.FixtureRequest, channel: str) -> Iterator[Factory]:
     """Starts transports (on the shared server and this test's channel unless told otherwise),
     closing them all at the end."""
     started: list[Started] = []
@@ -104,8 +104,10 @@ def start(conninfo: str, channel: str) -> Iterator[Factory]:
     def make(**options: Any) -> Started:
         options.setdefault("inbox_capacity", 4096)
         options.setdefault("display_url", "postgresql://127.0.0.1/test")
+        if "conninfo" not in options:  # the shared server, which must then be reachable
+            options["conninfo"] = request.getfixturevalue("conninfo")
         transport = PostgresTransport(
-            options.pop("conninfo", conninfo), options.pop("channel", channel), **options
+            options.pop("conninfo"), options.pop("channel", channel), **options
         )
         started.append(Started(transport))
         return started[-1]
