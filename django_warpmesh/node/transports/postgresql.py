@@ -576,6 +576,10 @@ class PostgresTransport(BrokerTransport):
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(self._listen_waker.fd, select.POLLIN)
         while True:
+            # Before waiting: a statement (LISTEN) may have left notifications in libpq's
+            # buffer, and the socket would not say so.
+            while (notify := pgconn.notifies()) is not None:
+                self._on_notify(notify)
             # Only a reply being reassembled needs a clock (to expire it).
             ready = poller.poll(1000 if self._partial else None)
             if self._stopping.is_set():
@@ -587,8 +591,6 @@ class PostgresTransport(BrokerTransport):
                     self._listen_reply(conn)
                     continue
                 pgconn.consume_input()  # raises when the server hung up
-                while (notify := pgconn.notifies()) is not None:
-                    self._on_notify(notify)
                 if pgconn.status != pq.ConnStatus.OK:
                     raise OperationalError("the connection is no longer usable")
             if self._partial:
