@@ -12,6 +12,8 @@ every peer at once (a gap: flush, entries capped until it is back).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from django_warpmesh.node.transports.base import (
     BrokerTransport,
     FrameInbox,
@@ -20,4 +22,24 @@ from django_warpmesh.node.transports.base import (
     channel_name,
 )
 
-__all__ = ["BrokerTransport", "FrameInbox", "TransportError", "TransportEvents", "channel_name"]
+if TYPE_CHECKING:
+    from django_warpmesh.node.transports.nats import NatsTransport
+
+__all__ = [
+    "BrokerTransport",
+    "FrameInbox",
+    "NatsTransport",
+    "TransportError",
+    "TransportEvents",
+    "channel_name",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: its module brings asyncio (nats-py itself only once a transport
+    # is made), which a process on the nng mesh has no use for.
+    if name == "NatsTransport":
+        from django_warpmesh.node.transports.nats import NatsTransport
+
+        return NatsTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
