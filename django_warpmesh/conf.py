@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -216,6 +217,37 @@ def _tls_file(name: str, key: str, value: object) -> str:
     return path
 
 
+def _as_transport(name: str, value: object) -> str:
+    """``"nng"`` (the peer-to-peer mesh), ``"nats://host:port"`` (several: comma-separated;
+    ``tls://`` for TLS), ``"postgresql"`` (the peer table's database: ``DATABASE``, else
+    ``default``) or a ``postgresql://`` URL."""
+    text = _as_str(name, value)
+    lowered = text.lower()
+    if lowered in {"nng", "postgresql", "postgres"}:
+        return "postgresql" if lowered == "postgres" else lowered
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if sep and rest.strip() and scheme in {"nats", "tls"}:
+        for server in rest.split(","):
+            _nats_server(name, server)
+        return text
+    if sep and rest.strip() and scheme in {"postgresql", "postgres"}:
+        return text
+    shown = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", text)  # never a password in a log
+    raise ImproperlyConfigured(
+        f"WARPMESH['{name}'] must be 'nng', 'postgresql', a nats://host:port URL or a "
+        f"postgresql:// URL, got {shown!r}."
+    )
+
+
+def _nats_server(name: str, server: str) -> None:
+    location = server.strip().removeprefix("nats://").removeprefix("tls://")
+    location = location.rpartition("@")[2]  # credentials are nats-py's business
+    if ":" not in location.rpartition("]")[2]:
+        location = f"{location}:4222"
+    parse_address(name, location)
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "ENABLED": ("enabled", _as_bool),
     "BIND": ("bind", _as_host),
@@ -242,6 +274,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "ORM_INCLUDE": ("orm_include", _as_model_labels),
     "ORM_EXCLUDE": ("orm_exclude", _as_model_labels),
     "TLS": ("tls", _as_tls),
+    "TRANSPORT": ("transport", _as_transport),
 }
 
 OPTIONS = tuple(_PARSERS)

@@ -42,6 +42,16 @@ class FakePipe:
 
 @dataclass
 class FakeMessage:
+    """A frame as a transport hands it to the node (``Received``)."""
+
+    data: bytes
+    source: FakePipe | None
+
+
+@dataclass
+class FakeNngMessage:
+    """A frame as nng's socket hands it to the nng transport."""
+
     bytes: bytes
     pipe: FakePipe
 

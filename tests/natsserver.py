@@ -134,9 +134,9 @@ def main(url: str, channel: str) -> None:
             readable, _, _ = select.select([transport.recv_fd, sys.stdin], [], [], 5)
             if sys.stdin in readable and not sys.stdin.read(1):
                 return  # the test is done with us
-            for frame in transport.receive(100):
+            for received in transport.receive(100):
                 # Refused while the link is down: the test then sends again.
-                transport.send(b"echo:" + frame)
+                transport.send(b"echo:" + received.data)
     finally:
         started = time.monotonic()
         transport.close(2.0)

@@ -17,8 +17,9 @@ from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.node.core import PIPE_STRIKES, REPLY_MAX_BYTES
 from django_warpmesh.node.peers import HEARTBEAT_FANIN
+from django_warpmesh.node.transports.nng import NngTransport
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
-from tests.fakes import Clock, FakeMessage, FakePipe
+from tests.fakes import Clock, FakeMessage, FakeNngMessage, FakePipe
 
 KEY = b"k" * 32
 
@@ -121,15 +122,15 @@ class EndlessSocket:
         self.taken = 0
         self.pipe = FakePipe()
 
-    def recv_msg(self, block: bool = True) -> FakeMessage:
+    def recv_msg(self, block: bool = True) -> FakeNngMessage:
         self.taken += 1
-        return FakeMessage(os.urandom(64), self.pipe)
+        return FakeNngMessage(os.urandom(64), self.pipe)
 
 
 def test_a_drain_takes_at_most_what_the_queue_can_hold() -> None:
     receiver = node(BUFFER_SIZE=1000)
     sock = EndlessSocket()
-    receiver._socket = sock
+    receiver._transport = NngTransport(receiver.config, sock)
     receiver._drain_socket()
     # Everything queued when it started is at most BUFFER_SIZE frames: taken, and no more, so
     # a flood cannot keep the receiver from its tick, nor a reading thread from its read.
@@ -141,7 +142,7 @@ class FewSocket(EndlessSocket):
         super().__init__()
         self.count = count
 
-    def recv_msg(self, block: bool = True) -> FakeMessage:
+    def recv_msg(self, block: bool = True) -> FakeNngMessage:
         if self.taken == self.count:
             raise pynng.TryAgain(-1, "empty")
         return super().recv_msg(block)
@@ -150,7 +151,7 @@ class FewSocket(EndlessSocket):
 def test_a_drain_takes_everything_queued() -> None:
     receiver = node()
     sock = FewSocket(700)
-    receiver._socket = sock
+    receiver._transport = NngTransport(receiver.config, sock)
     receiver._drain_socket()
     assert sock.taken == 700
     assert receiver.counters.frames_received == 700
@@ -184,7 +185,7 @@ def test_a_heartbeat_with_more_live_peers_than_fit_echoes_them_in_turns() -> Non
         def send(self, data: bytes) -> None:
             sent.append(data)
 
-    sender._socket = Sock()
+    sender._transport = NngTransport(sender.config, Sock())
     ids = [i.to_bytes(protocol.NODE_ID_SIZE, "big") for i in range(1, 501)]
     for node_id in ids:
         peer = sender._table.add(node_id)

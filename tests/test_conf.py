@@ -265,6 +265,15 @@ INVALID: list[tuple[str, object]] = [
     ("ADVERTISE", "[::1]"),
     ("ADVERTISE", "[::1]80"),
     ("ADVERTISE", "::1:80"),
+    ("TRANSPORT", ""),
+    ("TRANSPORT", 4222),
+    ("TRANSPORT", "redis://127.0.0.1:6379"),
+    ("TRANSPORT", "nats://"),
+    ("TRANSPORT", "nats://bad host:4222"),
+    ("TRANSPORT", "nats://127.0.0.1:99999"),
+    ("TRANSPORT", "nats://127.0.0.1:4222,"),
+    ("TRANSPORT", "postgresql://"),
+    ("TRANSPORT", "mysql"),
     ("ADVERTISE", "   "),
     ("ADVERTISE", 42),
     ("ADVERTISE", ["10.0.0.1:80"]),
@@ -345,6 +354,37 @@ def test_invalid_value_names_the_key(name: str, value: object) -> None:
     with pytest.raises(ImproperlyConfigured, match=key_error(name)) as info:
         parse({name: value}, NO_ENV)
     assert "environment" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "transport", "broker"),
+    [
+        ("nng", "nng", None),
+        ("NNG", "nng", None),
+        ("postgresql", "postgresql", "postgresql"),
+        ("postgres", "postgresql", "postgresql"),
+        (
+            "postgresql://app@db.internal:5432/app",
+            "postgresql://app@db.internal:5432/app",
+            "postgresql",
+        ),
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222", "nats"),
+        ("nats://nats-0:4222,nats://nats-1", "nats://nats-0:4222,nats://nats-1", "nats"),
+        ("tls://user:secret@[::1]:4222", "tls://user:secret@[::1]:4222", "nats"),
+    ],
+)
+def test_transport(value: str, transport: str, broker: str | None) -> None:
+    parsed = parse({"TRANSPORT": value}, NO_ENV)
+    assert parsed.transport == transport
+    assert parsed.broker == broker
+    assert parse({}, NO_ENV).transport == "nng"
+
+
+def test_a_bad_transport_url_never_shows_its_password() -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        parse({"TRANSPORT": "redis://user:hunter2@cache:6379"}, NO_ENV)
+    assert "hunter2" not in str(info.value)
+    assert "redis://user:***@cache:6379" in str(info.value)
 
 
 def test_every_option_has_an_invalid_case() -> None:

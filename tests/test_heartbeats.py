@@ -13,6 +13,7 @@ from django_warpmesh.conf import parse
 from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.node.peers import HEARTBEAT_FANIN, LIVENESS_HEARTBEATS, heartbeat_period
+from django_warpmesh.node.transports.nng import NngTransport
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
 from tests.fakes import Clock, FakeMessage, FakePipe, FakeSocket
 
@@ -25,7 +26,7 @@ def node(clock: Clock, **warpmesh: Any) -> MeshNode:
         parse({"PEERS": [], "HEARTBEAT": 1.0, **warpmesh}), KEY, StaticRegistry([]), clock=clock
     )
     built.ready = True
-    built._socket = FakeSocket()
+    built._transport = NngTransport(built.config, FakeSocket())
     return built
 
 
@@ -35,8 +36,13 @@ def with_members(mesh: MeshNode, count: int) -> None:
         peer.alive, peer.heard_ns, peer.heard_at_ns = True, 5, 6
 
 
+def sent(mesh: MeshNode) -> list[bytes]:
+    assert isinstance(mesh._transport, NngTransport)
+    return list(mesh._transport.socket.sent)
+
+
 def sent_heartbeats(mesh: MeshNode) -> list[Heartbeat]:
-    frames = [mesh.codec.decode(data) for data in mesh._socket.sent]
+    frames = [mesh.codec.decode(data) for data in sent(mesh)]
     return [frame.body for frame in frames if frame.kind is Kind.HEARTBEAT]
 
 
@@ -74,7 +80,7 @@ def test_a_heartbeat_promises_the_period_of_the_mesh_it_is_in() -> None:
 
 def test_an_observer_keeps_the_plain_heartbeat() -> None:
     mesh = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]), observer=True, clock=Clock())
-    mesh._socket = FakeSocket()
+    mesh._transport = NngTransport(mesh.config, FakeSocket())
     with_members(mesh, 63)
     assert mesh._send_heartbeat() == mesh.config.heartbeat
 
@@ -97,7 +103,7 @@ def test_a_frame_sent_after_a_heartbeat_is_confirmed_within_heartbeat_not_the_pe
     assert not mesh._wake.wait(0)
     mesh._send_heartbeat()  # the confirmation: it carries the last seq
     assert mesh._confirm_by == float("inf")
-    frames = [mesh.codec.decode(data) for data in mesh._socket.sent]
+    frames = [mesh.codec.decode(data) for data in sent(mesh)]
     assert frames[-1].kind is Kind.HEARTBEAT
     assert frames[-1].seq == 2
 

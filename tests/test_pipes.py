@@ -91,7 +91,7 @@ def test_a_stranger_repeating_a_sniffed_tag_owns_no_pipe_and_parks_nothing() -> 
     p = pair(SMALLER, LARGER)
     stranger = FakePipe(3)
     p.node._on_pipe_connect(stranger)
-    sniffed = p.peer.on(p.ours).bytes  # a frame the peer sent, seen on the wire
+    sniffed = p.peer.on(p.ours).data  # a frame the peer sent, seen on the wire
     p.node._handle_batch([FakeMessage(sniffed, p.ours)])
     rejected = p.node.counters.frames_rejected
     # Its tag, behind bytes of the stranger's own: not a copy, so verified, and rejected.
@@ -112,7 +112,7 @@ def test_an_old_frame_replayed_owns_no_pipe() -> None:
     p.node._on_pipe_connect(replayer)
     # The whole frame, byte for byte, replayed later on another pipe: valid, but not fresh.
     duplicates = p.node.counters.duplicates
-    p.node._handle_batch([FakeMessage(captured.bytes, replayer)])
+    p.node._handle_batch([FakeMessage(captured.data, replayer)])
     assert p.node.counters.duplicates == duplicates + 1
     assert replayer.id not in p.node._links.pipe_owner
     assert not p.dialer.closed
@@ -128,7 +128,7 @@ def test_a_copy_of_our_own_frame_does_not_make_us_our_own_peer() -> None:
         p.node._on_pipe_connect(pipe)
     frame = own.on(first)
     p.node._handle_batch([frame])
-    p.node._handle_batch([FakeMessage(frame.bytes, second)])
+    p.node._handle_batch([FakeMessage(frame.data, second)])
     assert SMALLER not in p.node._table.peers
     assert p.node._links.self_pipes >= {3}
     assert 4 not in p.node._links.pipe_owner

@@ -16,6 +16,7 @@ from django_warpmesh import protocol
 from django_warpmesh.conf import parse
 from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import GAP_GRACE, MeshNode
+from django_warpmesh.node.transports.nng import NngTransport
 from django_warpmesh.protocol import Kind, Op, OpCode
 from tests.fakes import Clock, FakeMessage, FakePipe, FakeSocket
 
@@ -54,7 +55,7 @@ class Link:
 def link() -> Link:
     sender = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]))
     socket = FakeSocket()
-    sender._socket = socket
+    sender._transport = NngTransport(sender.config, socket)
     sender.ready = True  # connected to its peers: it sends at once instead of holding
     clock = Clock()
     peer = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]), clock=clock)
@@ -133,7 +134,7 @@ def test_a_batch_with_nothing_wrong_is_sent_as_before(link: Link) -> None:
 def test_a_reply_too_large_for_a_frame_loses_only_itself() -> None:
     node = MeshNode(parse({"PEERS": [], "MAX_FRAME_BYTES": 4096}), KEY, StaticRegistry([]))
     socket = FakeSocket()
-    node._socket = socket
+    node._transport = NngTransport(node.config, socket)
     node.ready = True
     huge = protocol.StatsReply(1, b"R" * protocol.NODE_ID_SIZE, {"peers": ["x" * 100] * 100})
     node._outbox += [

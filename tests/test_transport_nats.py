@@ -52,7 +52,7 @@ class Peer:
         self.events.append(f"lost: {reason}")
 
     def received(self) -> list[bytes]:
-        self.frames.extend(self.transport.receive(1000))
+        self.frames.extend(received.data for received in self.transport.receive(1000))
         return self.frames
 
     def wait_frames(self, *frames: bytes) -> None:

@@ -11,15 +11,11 @@ is skipped where that cannot be done, and the backend-termination test covers ou
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,8 +24,7 @@ from django_warpmesh.node.transports import TransportError
 from django_warpmesh.node.transports import postgresql as pg
 from django_warpmesh.node.transports.postgresql import PostgresTransport
 from tests.cluster import ROOT, free_ports, wait_for
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+from tests.pgserver import PrivateServer, private_postgres
 
 
 def shared_conninfo() -> str:
@@ -85,7 +80,7 @@ class Started:
         frames: list[bytes] = []
 
         def enough() -> bool:
-            frames.extend(self.transport.receive(count - len(frames)))
+            frames.extend(r.data for r in self.transport.receive(count - len(frames)))
             return len(frames) >= count
 
         wait_for(enough, timeout, message=f"{count} frames (got {len(frames)})")
@@ -252,7 +247,7 @@ def test_the_inbox_drops_and_counts_frames_past_its_capacity(start: Factory) -> 
     for frame in frames:
         assert sender.transport.send(frame)
     wait_for(lambda: receiver.transport.inbox.dropped == 15, message="15 frames dropped")
-    assert receiver.transport.receive(100) == frames[:5]
+    assert [received.data for received in receiver.transport.receive(100)] == frames[:5]
     assert receiver.transport.describe()["inbox_dropped"] == 15
     # Room again once drained.
     assert sender.transport.send(b"after")
@@ -406,53 +401,10 @@ def test_close_is_bounded_when_the_server_hangs(start: Factory) -> None:
 # -- a private server, stopped and started ------------------------------------------------------
 
 
-def as_postgres() -> list[str] | None:
-    """The command prefix that runs a program as the ``postgres`` OS user, if we can."""
-    if os.geteuid() == 0 and shutil.which("runuser"):
-        return ["runuser", "-u", "postgres", "--"]
-    if pwd.getpwuid(os.geteuid()).pw_name == "postgres":
-        return []
-    return None
-
-
-class PrivateServer:
-    def __init__(self, prefix: list[str], directory: Path, port: int) -> None:
-        self.prefix = prefix
-        self.directory = directory
-        self.port = port
-        self.conninfo = f"host=127.0.0.1 port={port} dbname=postgres user=postgres"
-        self._pg_ctl("initdb", "-o", "-A trust -U postgres -E UTF8 --locale=C --no-sync")
-
-    def _pg_ctl(self, *args: str) -> None:
-        subprocess.run(
-            [*self.prefix, str(PG_BIN / "pg_ctl"), "-D", str(self.directory / "data"), *args],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._pg_ctl("-o", options, "-l", str(self.directory / "log"), "-w", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self._pg_ctl("-m", mode, "-w", "stop")
-
-
 @pytest.fixture
 def private_server() -> Iterator[PrivateServer]:
-    prefix = as_postgres()
-    if prefix is None or not (PG_BIN / "initdb").exists():
-        pytest.skip("cannot run a private PostgreSQL server here (needs root or the postgres user)")
-    directory = Path(tempfile.mkdtemp(prefix="warpmesh-pg-"))
-    try:
-        owner = pwd.getpwnam("postgres")
-        os.chown(directory, owner.pw_uid, owner.pw_gid)
-        server = PrivateServer(prefix, directory, free_ports(1)[0])
+    with private_postgres() as server:
         yield server
-        server.stop("immediate")
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.database

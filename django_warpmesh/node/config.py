@@ -55,6 +55,15 @@ class MeshSettings:
     orm_include: tuple[str, ...] = ()
     orm_exclude: tuple[str, ...] = ()
     tls: TLSSettings | None = None
+    # "nng" (peer to peer), or a broker: a nats:// URL, "postgresql" or a postgresql:// URL.
+    transport: str = "nng"
+
+    @property
+    def broker(self) -> str | None:
+        """The broker transport's kind (``"nats"``, ``"postgresql"``), or None for nng."""
+        if self.transport == "nng":
+            return None
+        return "postgresql" if self.transport.startswith("postgres") else "nats"
 
     @property
     def effective_startup_wait(self) -> float:

@@ -52,6 +52,14 @@ from django_warpmesh.node.peers import (
 from django_warpmesh.node.relay import RelayHub, wire_op
 from django_warpmesh.node.replies import ReplyInbox, ReplySender
 from django_warpmesh.node.tls import TLSTransport
+from django_warpmesh.node.transports.base import (
+    BrokerTransport,
+    Received,
+    Transport,
+    TransportClosed,
+    TransportError,
+)
+from django_warpmesh.node.transports.nng import NngTransport
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
 
 logger = logging.getLogger("django_warpmesh")
@@ -162,6 +170,7 @@ class MeshNode:
         *,
         observer: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        broker: BrokerTransport | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -232,7 +241,13 @@ class MeshNode:
         # none sent), and the period the last heartbeat promised.
         self._confirm_by = math.inf
         self.period = config.heartbeat
+        # What carries the frames: the nng mesh (its socket, which the node also dials, listens
+        # and binds pipes with), or a broker (``broker``; no socket, no pipes).
+        self._broker = broker
+        self._transport: Transport | None = None
         self._socket: Any = None
+        self._broker_lost = False  # the broker link went and has not come back yet
+        self._reply_address = ""  # an observer's: where stats replies come to
         self._hub: RelayHub | None = None  # children forked after the socket opened
         self._replies: ReplySender | None = None  # stats replies, to the asker only
         self._inbox: ReplyInbox | None = None  # an observer's: where replies come to
@@ -246,46 +261,14 @@ class MeshNode:
 
     def start(self) -> None:
         config = self.config
-        if config.tls is not None:
-            self._tls = TLSTransport(config.tls)  # reads the PEM files; raises before any socket
-        self._socket = pynng.Bus0(
-            recv_buffer_size=config.buffer_size,
-            send_buffer_size=config.buffer_size,
-            recv_max_size=config.max_frame_bytes,
-            reconnect_time_min=50,
-            reconnect_time_max=1000,
-        )
-        self._links.open(self._socket, self._tls)
-        self._replies = ReplySender(self._tls)
-        if self.observer:
-            self._inbox = ReplyInbox(
-                config.bind,
-                ports=range(config.port, config.port + config.port_range) if config.port else (),
-                advertise=lambda port: _reply_address(config, port),
-                tls=self._tls,
-                max_bytes=self._reply_codec.max_frame_bytes,
-                on_reply=self._on_reply_bytes,
-            )
+        if self._broker is not None:
+            self._start_broker(self._broker)
+        else:
+            self._start_mesh()
+        assert self._transport is not None
         if config.drain_on_read and hasattr(select, "poll"):
             self._recv_poll = select.poll()
-            self._recv_poll.register(self._socket.recv_fd, select.POLLIN)
-        self._socket.add_post_pipe_connect_cb(self._on_pipe_connect)
-        self._socket.add_post_pipe_remove_cb(self._on_pipe_remove)
-        if not self.observer:
-            try:
-                port = self._listen()
-            except (OSError, pynng.NNGException) as exc:
-                # Dialling out still works: this process reaches its peers, which accept its
-                # connections, so its writes are delivered and theirs reach it. Only being
-                # dialled (and listed in the peer table) is lost.
-                self.listen_error = str(exc)
-                logger.error(
-                    "mesh: cannot listen (%s); this process dials its peers but cannot be "
-                    "dialled, and is not listed in the peer table",
-                    exc,
-                )
-            else:
-                self.address = _advertised_address(config, port)
+            self._recv_poll.register(self._transport.recv_fd, select.POLLIN)
         self._ready_deadline = self._clock() + config.effective_startup_wait
         initial = self.registry.initial()
         if initial is not None:
@@ -302,9 +285,56 @@ class MeshNode:
             logger.info(
                 "mesh: enabled — peer id %s at %s (%s)",
                 self.hex_id,
-                self.address,
+                self.address or self._transport.describe()["url"],
                 self.registry.description,
             )
+
+    def _start_broker(self, broker: BrokerTransport) -> None:
+        if self.config.max_frame_bytes > broker.max_frame_bytes:
+            raise TransportError(
+                f"WARPMESH['MAX_FRAME_BYTES'] is {self.config.max_frame_bytes}, more than the "
+                f"{broker.name} transport carries ({broker.max_frame_bytes})"
+            )
+        self._transport = broker
+        if self.observer:
+            self._reply_address = broker.open_reply_inbox(self._on_reply_bytes)
+        broker.start(self)
+
+    def _start_mesh(self) -> None:
+        config = self.config
+        if config.tls is not None:
+            self._tls = TLSTransport(config.tls)  # reads the PEM files; raises before any socket
+        mesh = NngTransport(config)
+        self._transport, self._socket = mesh, mesh.socket
+        self._links.open(self._socket, self._tls)
+        self._replies = ReplySender(self._tls)
+        if self.observer:
+            self._inbox = ReplyInbox(
+                config.bind,
+                ports=range(config.port, config.port + config.port_range) if config.port else (),
+                advertise=lambda port: _reply_address(config, port),
+                tls=self._tls,
+                max_bytes=self._reply_codec.max_frame_bytes,
+                on_reply=self._on_reply_bytes,
+            )
+            self._reply_address = self._inbox.address
+        self._socket.add_post_pipe_connect_cb(self._on_pipe_connect)
+        self._socket.add_post_pipe_remove_cb(self._on_pipe_remove)
+        if not self.observer:
+            try:
+                port = self._listen()
+            except (OSError, pynng.NNGException) as exc:
+                # Dialling out still works: this process reaches its peers, which accept its
+                # connections, so its writes are delivered and theirs reach it. Only being
+                # dialled (and listed in the peer table) is lost.
+                self.listen_error = str(exc)
+                logger.error(
+                    "mesh: cannot listen (%s); this process dials its peers but cannot be "
+                    "dialled, and is not listed in the peer table",
+                    exc,
+                )
+            else:
+                self.address = mesh.address = _advertised_address(config, port)
 
     def _listen(self) -> int:
         config = self.config
@@ -367,6 +397,8 @@ class MeshNode:
         if sender is not None and sender is not current:
             sender.join(max(0.0, deadline - time.monotonic()) + SENDER_GRACE)
         grace = max(0.0, deadline - time.monotonic()) + SENDER_GRACE
+        if self._broker is not None and self._started:
+            self._broker.close(grace)
         if self._socket is not None and not (sender is not None and sender.is_alive()):
             # In the order a draining thread takes them (it may answer a stats request).
             with (
@@ -474,7 +506,8 @@ class MeshNode:
         with self._lock:
             first = self._expected is None
             self._expected = wanted
-        self._links.set_addresses(wanted)
+        if self._broker is None:
+            self._links.set_addresses(wanted)
         if first:
             # The start-up window now lasts until those peers answer or the wait runs out.
             self._ready_deadline = self._clock() + self.config.effective_startup_wait
@@ -497,6 +530,11 @@ class MeshNode:
             expected = self._expected
             heard = self._table.alive_addresses()
         timed_out = self._clock() >= self._ready_deadline
+        if self._broker is not None and not self._broker.connected:
+            # Subscribed, every frame published from then on reaches us: until then, nothing.
+            if timed_out:
+                self._become_ready(f"the {self._broker.name} server is not reachable yet")
+            return
         if expected is None:
             if timed_out:
                 self._become_ready("peer list not known yet after the start-up wait")
@@ -687,13 +725,13 @@ class MeshNode:
         return self._stamp
 
     def _send_bytes(self, data: bytes) -> bool:
+        assert self._transport is not None
         try:
-            self._socket.send(data)
-        except pynng.Closed:
-            return False
-        except pynng.NNGException as exc:
+            if not self._transport.send(data):
+                return False
+        except TransportError as exc:
             self.counters.send_errors += 1
-            self._log.once("send", "mesh: send failed (%s); peers will see a gap and flush", exc)
+            self._log.limited("send", "mesh: send failed (%s); peers will see a gap and flush", exc)
             return False
         self.counters.frames_sent += 1
         return True
@@ -737,7 +775,11 @@ class MeshNode:
         # Wait on nng's "message ready" descriptor, then take what is queued without blocking:
         # a blocking nng receive costs an extra thread hand-off inside nng per message, and each
         # of its timeouts wakes nng's own timer threads too.
-        ready = _Readable(self._socket.recv_fd)
+        assert self._transport is not None
+        try:
+            ready = _Readable(self._transport.recv_fd)
+        except TransportClosed:
+            return
         last_tick = 0.0
         while not self._stop.is_set():
             until_tick = self._tick_every_ms() - (self._clock() - last_tick) * 1000
@@ -757,7 +799,7 @@ class MeshNode:
                     last_tick = now
                     with self._drain_lock:
                         self._tick()
-            except pynng.Closed:
+            except (pynng.Closed, TransportClosed):
                 return
             except Exception:
                 logger.exception("mesh: error handling received frames (continuing)")
@@ -781,7 +823,7 @@ class MeshNode:
                     self._drain_socket()
                 finally:
                     self._draining = False
-        except pynng.Closed:
+        except (pynng.Closed, TransportClosed):
             pass
         except Exception:
             logger.exception("mesh: error applying received frames on a read (continuing)")
@@ -795,16 +837,12 @@ class MeshNode:
         by then, and a queue that never empties (a flood) must not keep the receiver from its
         tick (gaps, liveness, idle connections), nor a reading thread from its read.
         """
-        sock = self._socket
+        transport = self._transport
+        assert transport is not None
         left = self.config.buffer_size
         while left > 0:
-            batch: list[Any] = []
             want = min(RECV_BATCH, left)
-            try:
-                while len(batch) < want:
-                    batch.append(sock.recv_msg(block=False))
-            except pynng.TryAgain:
-                pass
+            batch = transport.receive(want)
             if batch:
                 self._handle_batch(batch)
             if len(batch) < want:
@@ -818,7 +856,7 @@ class MeshNode:
             return TICK_FAST_MS
         return TICK_IDLE_MS
 
-    def _handle_batch(self, batch: list[Any]) -> None:
+    def _handle_batch(self, batch: list[Received]) -> None:
         if self._dropped:
             batch = self._without_dropped(batch)
         now = self._clock()
@@ -827,7 +865,7 @@ class MeshNode:
         recent = self._recent_tags
         for message in batch:
             self.counters.frames_received += 1
-            data = message.bytes
+            data = message.data
             # While two pipes join a pair (both dialled; one is hung up soon) a frame arrives
             # twice: the second copy is known by its tag and its bytes, without verifying or
             # parsing it again. The same tag on other bytes is no copy: it is verified (and
@@ -842,18 +880,20 @@ class MeshNode:
                 sender = self._table.peers.get(seen[0])
                 if (
                     sender is not None
+                    and message.source is not None
                     and sender.latest_tag == tag
                     and now - seen[2] <= DUPLICATE_BIND_WINDOW
                 ):
-                    self._links.bind(message.pipe, seen[0], self.node_id)
+                    self._links.bind(message.source, seen[0], self.node_id)
                 continue
             try:
                 frame = self.codec.decode(data)
             except protocol.ProtocolError as exc:
                 self._reject(exc.reason)
-                self._strike(message.pipe)
+                if message.source is not None:
+                    self._strike(message.source)
                 continue
-            fresh, flushing = self._accept(frame, message.pipe, now, by_alias)
+            fresh, flushing = self._accept(frame, message.source, now, by_alias)
             flush |= flushing
             if fresh:
                 sender = self._table.peers.get(frame.origin)
@@ -916,10 +956,10 @@ class MeshNode:
         with contextlib.suppress(Exception):  # already gone
             pipe.close()
 
-    def _without_dropped(self, batch: list[Any]) -> list[Any]:
+    def _without_dropped(self, batch: list[Received]) -> list[Received]:
         """The frames of ``batch`` but those from a connection hung up on: dropped unread."""
         dropped = self._dropped
-        kept = [message for message in batch if message.pipe.id not in dropped]
+        kept = [message for message in batch if message.source.id not in dropped]
         skipped = len(batch) - len(kept)
         if skipped:
             self.counters.frames_received += skipped
@@ -976,11 +1016,12 @@ class MeshNode:
         or a replay) and whether caches must be flushed."""
         origin = frame.origin
         if origin == self.node_id:
-            self._links.from_self(pipe)
+            if pipe is not None:
+                self._links.from_self(pipe)
             return False, False
         table = self._table
         with self._lock:
-            owner = self._links.pipe_owner.get(pipe.id)
+            owner = self._links.pipe_owner.get(pipe.id) if pipe is not None else None
             if owner is not None and owner != origin:
                 # An authenticated peer speaking for another node on its own pipe.
                 self._reject("foreign_origin")
@@ -1002,9 +1043,10 @@ class MeshNode:
             # it): it must not make a silent peer look alive, nor own the pipe it came on.
             self.counters.duplicates += 1
             return False, flush
-        with self._lock:
-            # Only now, from a frame that is neither forged nor replayed: whose pipe it is.
-            self._links.bind_locked(pipe, origin, self.node_id)
+        if pipe is not None:
+            with self._lock:
+                # Only now, from a frame that is neither forged nor replayed: whose pipe it is.
+                self._links.bind_locked(pipe, origin, self.node_id)
         if kind is not Kind.INVALIDATE:
             table.saw_control(peer, frame.body.sent_ns)
         if kind is Kind.STATS_REQUEST and not peer.alive:
@@ -1121,7 +1163,7 @@ class MeshNode:
 
     def _on_stats_request(self, peer: Peer, request: protocol.StatsRequest) -> None:
         """Answer the asker only, on a connection of its own (see replies.py)."""
-        if self.observer or self._replies is None:
+        if self.observer or (self._replies is None and self._broker is None):
             return
         reply = protocol.StatsReply(request.request_id, peer.node_id, self.snapshot())
         with self._send_lock:
@@ -1139,7 +1181,12 @@ class MeshNode:
             self.counters.send_errors += 1
             self._log.once("encode:STATS_REPLY", "mesh: cannot send a stats reply (%r)", exc)
             return
-        if not self._replies.send(request.reply_to, data):
+        if self._broker is not None:
+            sent = self._broker.send_reply(request.reply_to, data)
+        else:
+            assert self._replies is not None
+            sent = self._replies.send(request.reply_to, data)
+        if not sent:
             self.counters.send_errors += 1
 
     def _on_reply_bytes(self, data: bytes) -> None:
@@ -1201,11 +1248,53 @@ class MeshNode:
         with self._lock:
             expected = self._expected or set()
             reachable = self._table.alive_addresses()
-        self.degraded = bool(expected - reachable) or (
-            self.discovery_failures >= DISCOVERY_FAILURES_DEGRADED
+        self.degraded = (
+            bool(expected - reachable)
+            or self.discovery_failures >= DISCOVERY_FAILURES_DEGRADED
+            or (self._broker is not None and not self._broker.connected)
         )
         self.max_timeout = self.config.degraded_timeout if self.degraded else None
         self._state_changed()
+
+    # -- a broker's link (TRANSPORT other than nng), on the transport's thread -------------------
+
+    def transport_connected(self) -> None:
+        """The broker link is up and subscribed: every frame published from now on reaches us."""
+        if self._broker_lost:
+            self._broker_lost = False
+            logger.info(
+                "mesh: %s transport connected again; flushing the mesh caches", self._broker_name
+            )
+            # What peers published while it was down never reached us, and what was cached
+            # meanwhile (capped) may be stale already: flushed. Our own frames sent meanwhile
+            # show to the peers as a gap, on our heartbeat that follows.
+            with self._drain_lock:
+                self._flush_all()
+        self._update_degraded()
+        self._heartbeat_now.set()
+        self._wake.set()
+        self._check_ready()
+
+    def transport_lost(self, reason: str) -> None:
+        """The broker link went: frames published meanwhile may never reach us."""
+        if self._broker_lost:
+            return
+        self._broker_lost = True
+        self.counters.transport_losses += 1
+        logger.warning(
+            "mesh: %s transport lost (%s); flushing the mesh caches, capping new entries at "
+            "DEGRADED_TIMEOUT until it is back",
+            self._broker_name,
+            reason,
+        )
+        # The cap first: an entry stored between the flush and the cap would outlive it.
+        self._update_degraded()
+        with self._drain_lock:
+            self._flush_all()
+
+    @property
+    def _broker_name(self) -> str:
+        return self._broker.name if self._broker is not None else "nng"
 
     # -- maintenance (discovery) ----------------------------------------------------------------
 
@@ -1284,7 +1373,7 @@ class MeshNode:
     ) -> None:
         """Ask every peer for its stats (mesh_status); replies arrive on the receiver thread."""
         self._stats_waiters[request_id] = on_reply
-        reply_to = self._inbox.address if self._inbox is not None else ""
+        reply_to = self._reply_address
         with self._lock:
             self._outbox.append((Kind.STATS_REQUEST, [request_id, reply_to]))
         self._wake.set()
@@ -1325,6 +1414,7 @@ class MeshNode:
             "ready": self.ready,
             "degraded": self.degraded,
             "heartbeat_period": self.period,
+            "transport": self._transport.describe() if self._transport is not None else None,
             "discovery": self.registry.description,
             "discovery_error": self.discovery_error,
             "discovery_failures": self.discovery_failures,

@@ -32,6 +32,7 @@ class Counters:
     send_errors: int = 0
     frames_rejected: int = 0
     pipes_dropped: int = 0  # connections hung up on: junk, or nothing verifiable in time
+    transport_losses: int = 0  # a broker transport's link lost (each a flush)
     rejected_by_reason: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
 
 
@@ -62,6 +63,8 @@ def alone_snapshot(reason: str, *, degraded: bool) -> dict[str, Any]:
         "discovery_failures": 0,
         "listen_error": None,
         "relayed_pids": [],
+        "heartbeat_period": None,
+        "transport": None,
         "peers": [],
         **dict.fromkeys(COUNTER_NAMES, 0),
         "rejected_by_reason": {},

@@ -90,8 +90,8 @@ class Draw:
 
 @dataclass
 class FakeMessage:
-    bytes: bytes
-    pipe: FakePipe
+    data: bytes
+    source: FakePipe
 
 
 @dataclass
@@ -335,7 +335,7 @@ class Run:
         node knows compared before and after it."""
         batch: list[FakeMessage] = []
         for message in messages:
-            if self.h.verifies(message.bytes):
+            if self.h.verifies(message.data):
                 batch.append(message)
                 continue
             if batch:

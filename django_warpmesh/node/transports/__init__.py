@@ -1,13 +1,16 @@
 """How frames travel between nodes: the small interface the node uses, and its implementations.
 
-* :mod:`.base`: :class:`Transport` (send bytes, receive bytes, connected/disconnected events),
+* :mod:`.base`: :class:`Transport` (send bytes, receive bytes, a descriptor to wait on),
+  :class:`BrokerTransport` (a broker connection, with connected/lost events),
   :class:`FrameInbox` (received frames handed from a transport's own thread to the node).
+* :mod:`.nng`: the default, a peer-to-peer mesh of nng ``Bus0`` connections.
 * :mod:`.nats`: a NATS server fans each frame out (``nats://``; the ``nats`` extra).
 * :mod:`.postgresql`: PostgreSQL ``LISTEN``/``NOTIFY`` (the ``postgresql`` extra).
 
-The nng mesh (the default) is the node's own: peer-to-peer, with pipes the node binds to peers.
-A broker transport has one link, to its server: the node treats losing it as it treats losing
-every peer at once (a gap: flush, entries capped until it is back).
+On the nng mesh each peer has connections (pipes) of its own, which the node binds to the peer
+that speaks on them and hangs up on when they send junk; their connect and remove events come
+through nng's callbacks. A broker transport has one link, to its server: the node treats losing
+it as it treats losing every peer at once (a gap: flush, entries capped until it is back).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 from django_warpmesh.node.transports.base import (
     BrokerTransport,
     FrameInbox,
+    Received,
+    Transport,
+    TransportClosed,
     TransportError,
     TransportEvents,
     channel_name,
@@ -29,6 +35,9 @@ __all__ = [
     "BrokerTransport",
     "FrameInbox",
     "NatsTransport",
+    "Received",
+    "Transport",
+    "TransportClosed",
     "TransportError",
     "TransportEvents",
     "channel_name",

@@ -21,11 +21,46 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class TransportError(Exception):
-    """A transport that cannot be used as configured (a bad URL, a missing extra)."""
+    """A transport that cannot be used as configured (a bad URL, a missing extra), or a frame
+    it could not send (the node counts it in ``send_errors``; peers see the sequence gap)."""
+
+
+class TransportClosed(Exception):
+    """The transport was closed: the thread using it stops."""
+
+
+class Received(NamedTuple):
+    """One frame off a transport: its bytes, and where it came from (an nng pipe, which the
+    node binds to the peer that speaks on it; None from a broker, which has one link)."""
+
+    data: bytes
+    source: Any
+
+
+class Transport(Protocol):
+    """What the node needs of whatever carries its frames: send bytes, receive bytes, a
+    descriptor to wait on. The nng mesh (:mod:`.nng`) and the brokers implement it."""
+
+    name: str
+
+    def send(self, data: bytes) -> bool:
+        """Send one frame to every peer without blocking. False: closed (the node is
+        stopping); raises :class:`TransportError` for a frame it could not send."""
+
+    def receive(self, limit: int) -> list[Received]:
+        """Up to ``limit`` frames waiting, oldest first; never blocks. Raises
+        :class:`TransportClosed` once closed."""
+
+    @property
+    def recv_fd(self) -> int:
+        """Readable while frames wait."""
+
+    def describe(self) -> dict[str, Any]:
+        """What stats, ``mesh_status`` and the dashboard show of the transport."""
 
 
 class TransportEvents(Protocol):
@@ -134,9 +169,9 @@ class BrokerTransport(abc.ABC):
         could not be queued (not connected, its buffer full); the node counts it and peers see
         the sequence gap."""
 
-    def receive(self, limit: int) -> list[bytes]:
+    def receive(self, limit: int) -> list[Received]:
         """Frames received since the last call (at most ``limit``); never blocks."""
-        return self.inbox.take(limit)
+        return [Received(data, None) for data in self.inbox.take(limit)]
 
     @property
     def recv_fd(self) -> int:
