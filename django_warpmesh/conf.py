@@ -23,6 +23,7 @@ from django.core.signals import setting_changed
 
 from django_warpmesh.node import config
 from django_warpmesh.node.config import DEFAULT_PORT, MeshSettings, TLSSettings, format_address
+from django_warpmesh.node.transports.postgresql import MAX_FRAME_BYTES as POSTGRESQL_MAX_FRAME_BYTES
 
 __all__ = [
     "DEFAULT_PORT",
@@ -314,6 +315,12 @@ def parse(raw: object, environ: Mapping[str, str] | None = None) -> MeshSettings
                 f"{exc} (from the environment variable WARPMESH_{name})"
             ) from None
     parsed = MeshSettings(**values)
+    if parsed.broker == "postgresql" and parsed.max_frame_bytes > POSTGRESQL_MAX_FRAME_BYTES:
+        raise ImproperlyConfigured(
+            f"WARPMESH['MAX_FRAME_BYTES'] is {parsed.max_frame_bytes}, but a PostgreSQL "
+            f"notification carries frames of at most {POSTGRESQL_MAX_FRAME_BYTES} bytes "
+            "(WARPMESH['TRANSPORT'] is PostgreSQL)."
+        )
     if parsed.stale_after <= parsed.discovery_interval:
         raise ImproperlyConfigured(
             "WARPMESH['STALE_AFTER'] must be longer than WARPMESH['DISCOVERY_INTERVAL'], "

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -75,6 +76,7 @@ class MeshProcess:
             text=True,
             bufsize=1,
         )
+        self._talking = threading.Lock()
         hello = self._read()
         self.pid = hello["pid"]
         self.address: str | None = None
@@ -94,9 +96,10 @@ class MeshProcess:
 
     def request(self, call: str, **fields: Any) -> Any:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"call": call, **fields}) + "\n")
-        self.proc.stdin.flush()
-        reply = self._read()
+        with self._talking:  # a test may drive one process from two threads
+            self.proc.stdin.write(json.dumps({"call": call, **fields}) + "\n")
+            self.proc.stdin.flush()
+            reply = self._read()
         if "error" in reply:
             raise RuntimeError(reply["error"])
         return reply["ok"]
@@ -173,7 +176,7 @@ class Cluster:
     def spawn(self, index: int, **overrides: Any) -> MeshProcess:
         proc = MeshProcess({**self.config(index), **overrides}, env=self.env)
         proc.address = proc.request("start")["address"]
-        if index < len(self.addresses):
+        if index < len(self.addresses) and proc.address:  # none on a broker TRANSPORT
             self.addresses[index] = proc.address
         return proc
 
