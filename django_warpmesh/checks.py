@@ -7,6 +7,7 @@ it was not, the cache itself says at its first use that it caches locally only, 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import shlex
@@ -21,6 +22,7 @@ from django.db import DatabaseError, connections
 from django.utils.module_loading import import_string
 
 from django_warpmesh.conf import MeshSettings, parse, running_migration_command
+from django_warpmesh.node.transports import TransportError
 
 MESH_CACHE = "django_warpmesh.cache.MeshCache"
 APP = "django_warpmesh"
@@ -147,11 +149,53 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     if not config.enabled:
         return []
     messages: list[CheckMessage] = []
-    messages += _check_peer_source(config, installed, mesh_caches)
+    if config.broker is None:
+        messages += _check_peer_source(config, installed, mesh_caches)
+        messages += _check_clear_text(config)
+        messages += _check_prefork(config, os.environ)
+    else:
+        messages += _check_broker(config)
     messages += _check_secret(config)
-    messages += _check_clear_text(config)
-    messages += _check_prefork(config, os.environ)
     messages += _check_uwsgi_threads()
+    return messages
+
+
+def _check_broker(config: MeshSettings) -> list[CheckMessage]:
+    """A broker TRANSPORT that cannot work here, and the settings it makes pointless."""
+    from django_warpmesh.mesh import postgres_conninfo
+
+    extra = {"nats": "nats", "postgresql": "psycopg"}[config.broker or ""]
+    messages: list[CheckMessage] = []
+    problem = None
+    if importlib.util.find_spec(extra) is None:
+        problem = f"the {extra} package is not installed"
+        hint = f"pip install 'django-warpmesh[{config.broker}]'"
+    elif config.broker == "postgresql":
+        try:
+            postgres_conninfo(config)
+        except TransportError as exc:
+            problem = str(exc)
+            hint = "Set WARPMESH['TRANSPORT'] to a postgresql:// URL, or 'nng'."
+    if problem is not None:
+        messages.append(
+            Error(
+                f"WARPMESH['TRANSPORT'] cannot be used: {problem}. Every instance would cache "
+                "alone (capped at DEGRADED_TIMEOUT).",
+                id="warpmesh.E006",
+                hint=hint,
+            )
+        )
+    ignored = [name for name, value in (("PEERS", config.peers), ("TLS", config.tls)) if value]
+    if ignored:
+        messages.append(
+            Warning(
+                f"WARPMESH[{', '.join(repr(name) for name in ignored)}] has no effect with a "
+                "broker TRANSPORT: every instance reaches the others through the broker.",
+                id="warpmesh.W009",
+                hint="Remove it, or set WARPMESH['TRANSPORT'] to 'nng'. The broker's own URL "
+                "says how to reach it securely (tls:// for NATS, sslmode for PostgreSQL).",
+            )
+        )
     return messages
 
 

@@ -481,3 +481,37 @@ def test_w007_clear_text_with_a_key_from_secret_key(
     if warned:
         assert "clear text" in messages[0].msg
         assert settings.SECRET_KEY not in messages[0].msg
+
+
+# -- warpmesh.E006 / W009: a broker TRANSPORT ----------------------------------------------------
+
+
+def test_e006_the_postgresql_transport_on_another_database(settings: Any) -> None:
+    settings.WARPMESH = {"TRANSPORT": "postgresql"}
+    (error,) = deployment()
+    assert error.id == "warpmesh.E006"
+    assert "'default' is sqlite" in error.msg
+    # Not the peer table's checks: a broker needs no discovery.
+    assert checks.check_settings(None) == []
+
+
+def test_e006_a_missing_extra(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.WARPMESH = {"TRANSPORT": "nats://127.0.0.1:4222"}
+    assert deployment() == []
+    real_find_spec = checks.importlib.util.find_spec
+    monkeypatch.setattr(
+        checks.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "nats" else real_find_spec(name, *args),
+    )
+    (error,) = deployment()
+    assert error.id == "warpmesh.E006"
+    assert "the nats package is not installed" in error.msg
+    assert "django-warpmesh[nats]" in error.hint
+
+
+def test_w009_settings_a_broker_makes_pointless(settings: Any) -> None:
+    settings.WARPMESH = {"TRANSPORT": "postgresql://app@db:5432/app", **PEERS}
+    (warning,) = deployment()
+    assert warning.id == "warpmesh.W009"
+    assert "WARPMESH['PEERS']" in warning.msg

@@ -74,7 +74,8 @@ class MeshSettings:
 
     @property
     def discovery_enabled(self) -> bool:
-        return self.enabled and not self.peers
+        """Whether peers are found through the peer table (not PEERS, nor a broker)."""
+        return self.enabled and not self.peers and self.transport == "nng"
 
 
 def validate_host(name: str, host: str) -> None:
