@@ -109,7 +109,7 @@ def test_three_processes_stay_coherent_through_nats(tmp_path: Path) -> None:
         assert transport["url"] == server.url
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_three_processes_stay_coherent_through_their_postgresql_database() -> None:
     env = shared_postgresql()
     with cluster(3, env=env, TRANSPORT="postgresql") as mesh:
@@ -197,7 +197,7 @@ def test_a_nats_outage_during_a_write_stream_leaves_nothing_stale(tmp_path: Path
         outage(mesh, server.kill, server.start)
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_a_postgresql_restart_during_a_write_stream_leaves_nothing_stale() -> None:
     with private_postgres() as server:
         server.start()

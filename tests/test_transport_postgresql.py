@@ -182,7 +182,7 @@ def test_close_before_start_is_harmless() -> None:
 # -- on the shared server ------------------------------------------------------------------------
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_every_transport_receives_every_frame_its_own_included(start: Factory) -> None:
     nodes = [start() for _ in range(3)]
     connected(*nodes)
@@ -196,7 +196,7 @@ def test_every_transport_receives_every_frame_its_own_included(start: Factory) -
     assert nodes[0].transport.describe()["frames_sent"] == 1
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_frames_up_to_max_frame_bytes_round_trip_exactly_and_larger_are_refused(
     start: Factory,
 ) -> None:
@@ -213,7 +213,7 @@ def test_frames_up_to_max_frame_bytes_round_trip_exactly_and_larger_are_refused(
     assert info["send_failed"] == 0
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_every_byte_value_round_trips(start: Factory) -> None:
     sender, receiver = start(), start()
     connected(sender, receiver)
@@ -223,7 +223,7 @@ def test_every_byte_value_round_trips(start: Factory) -> None:
     assert receiver.collect(len(frames)) == frames
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_a_burst_arrives_complete_and_in_order(start: Factory) -> None:
     sender, receiver = start(), start()
     connected(sender, receiver)
@@ -239,7 +239,7 @@ def test_a_burst_arrives_complete_and_in_order(start: Factory) -> None:
     assert info["largest_burst"] <= pg.MAX_BURST_FRAMES
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_the_inbox_drops_and_counts_frames_past_its_capacity(start: Factory) -> None:
     sender, receiver = start(), start(inbox_capacity=5)
     connected(sender, receiver)
@@ -254,7 +254,7 @@ def test_the_inbox_drops_and_counts_frames_past_its_capacity(start: Factory) -> 
     assert receiver.collect(1) == [b"after"]
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_malformed_payloads_are_dropped_and_counted(
     conninfo: str, channel: str, start: Factory
 ) -> None:
@@ -279,7 +279,7 @@ def test_malformed_payloads_are_dropped_and_counted(
     assert node.transport.connected
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_a_large_reply_is_chunked_and_reassembled(start: Factory) -> None:
     asker, answerer, bystander = start(), start(), start()
     connected(asker, answerer, bystander)
@@ -300,7 +300,7 @@ def test_a_large_reply_is_chunked_and_reassembled(start: Factory) -> None:
     assert asker.transport.describe()["replies_received"] == 2
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_incomplete_replies_are_dropped_when_too_many_or_too_old(
     conninfo: str, start: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,7 +321,7 @@ def test_incomplete_replies_are_dropped_when_too_many_or_too_old(
     assert replies == []
 
 
-@pytest.mark.database
+@pytest.mark.broker
 @pytest.mark.parametrize("killed", [("listen",), ("notify",), ("listen", "notify")])
 def test_killed_backends_are_reported_lost_then_reconnected(
     conninfo: str, start: Factory, killed: tuple[str, ...]
@@ -363,7 +363,7 @@ def test_killed_backends_are_reported_lost_then_reconnected(
 # -- with no server ------------------------------------------------------------------------------
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_an_unreachable_server_is_retried_and_sends_are_refused(start: Factory) -> None:
     node = start(conninfo=f"host=127.0.0.1 port={closed_port()} dbname=test user=postgres")
     # Both connections failed, then failed again: still trying.
@@ -378,7 +378,7 @@ def test_an_unreachable_server_is_retried_and_sends_are_refused(start: Factory) 
     assert not threads_alive(node.transport)
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_close_is_bounded_when_the_server_hangs(start: Factory) -> None:
     # Accepts TCP connections (the kernel does, into the backlog) and never answers.
     hung = socket.socket()
@@ -407,7 +407,7 @@ def private_server() -> Iterator[PrivateServer]:
         yield server
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_a_server_restart_is_survived(private_server: PrivateServer) -> None:
     channel = f"warpmesh_t_{secrets.token_hex(6)}"
     nodes = [
