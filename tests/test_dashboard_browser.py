@@ -140,6 +140,11 @@ def test_dashboard_in_chromium(
     assert text(browser, "#wm-health") == "healthy"
     assert text(browser, "#wm-address") == own
     assert text(browser, "#wm-peer-id") == django_warpmesh.mesh_stats()["peer_id"]
+    assert text(browser, "#wm-transport-name") == "nng"
+    assert text(browser, "#wm-transport-url") == own
+    assert text(browser, "#wm-transport-state") == "connected"
+    assert text(browser, "#wm-heartbeat") == "0.20 s"
+    assert not browser.find_element(By.ID, "wm-transport-error").is_displayed()
 
     wait_until(browser, lambda d: set(peer_rows(d)) == set(peers.addresses), "both peers")
     wait_until(

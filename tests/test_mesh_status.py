@@ -6,6 +6,7 @@ in ``WARPMESH_*`` environment variables; the peers are :mod:`tests.cluster` proc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from tests.cluster import (
     run_sql,
     wait_for,
 )
+from tests.natsserver import NatsServer, nats_server_binary
 
 pytestmark = pytest.mark.mesh
 
@@ -41,6 +44,7 @@ REPORT_KEYS = {
     "verdict",
     "checked_at",
     "discovery",
+    "transport",
     "timeout_s",
     "problems",
     "peers",
@@ -60,6 +64,7 @@ PEER_KEYS = {
     "degraded",
     "discovery_error",
     "relayed_pids",
+    "transport_connected",
     "connected",
     "expected",
     "cannot_reach",
@@ -130,8 +135,9 @@ def test_table_lists_every_peer_with_a_healthy_verdict(trio: Cluster) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Mesh: 3 peer(s), static PEERS (3), checked ")
+    assert lines[1] == "Transport: nng, connected"
     header = next(line for line in lines if line.startswith("PEER "))
-    for column in ("ADDRESS", "HOST/PID", "AGE", "CONNECTED", "LATENCY", "INV SENT", "INV RECV"):
+    for column in ("ADDRESS", "HOST/PID", "CONNECTED", "LINK", "LATENCY", "INV SENT", "INV RECV"):
         assert column in header
     assert header.split()[-2:] == ["LAST", "SEEN"]
     for proc in trio.procs:
@@ -139,7 +145,7 @@ def test_table_lists_every_peer_with_a_healthy_verdict(trio: Cluster) -> None:
         (row,) = [line for line in lines if line.startswith(node_id)]
         assert proc.address in row
         assert f"/{proc.pid}" in row
-        assert "2 of 2" in row
+        assert re.search(r" 2 of 2 +up ", row)
         assert " ms " in row
     assert lines[-1] == "healthy: 3 peer(s), all answering, all connected to each other"
     # The observer's node logged nothing at its default verbosity.
@@ -154,6 +160,13 @@ def test_json_has_the_documented_keys_and_every_peer(trio: Cluster) -> None:
     assert report["status"] == "healthy"
     assert report["problems"] == []
     assert report["discovery"] == "static PEERS (3)"
+    # The observer's own transport: nng listens nowhere, so has no URL to show.
+    assert report["transport"] == {
+        "name": "nng",
+        "url": None,
+        "connected": True,
+        "last_error": None,
+    }
     peers = by_address(report)
     assert set(peers) == set(trio.addresses)
     writer, *readers = trio.procs
@@ -166,6 +179,8 @@ def test_json_has_the_documented_keys_and_every_peer(trio: Cluster) -> None:
         assert peer["answering"] is True
         assert peer["ready"] is True
         assert peer["degraded"] is False
+        assert peer["transport_connected"] is True
+        assert peer["stats"]["transport"]["name"] == "nng"
         assert (peer["connected"], peer["expected"], peer["cannot_reach"]) == (2, 2, [])
         assert peer["latency_ms"] > 0
         assert peer["age_s"] > 0
@@ -414,3 +429,149 @@ def test_a_peer_whose_discovery_fails_makes_the_mesh_degraded(status_db: dict[st
         failing.request("db_fix")
         wait_for(lambda: failing.request("discovery_failures") == 0, 10, message="recovery")
         assert mesh_status("--json", env=status_db).returncode == 0
+
+
+# -- through a broker TRANSPORT: nobody dialled, whoever answers is the mesh ----------------------
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of the test's own (tests/natsserver.py), killed at the end."""
+    binary = nats_server_binary()
+    missing = None
+    if importlib.util.find_spec("nats") is None:
+        missing = "nats-py is not installed (pip install -e '.[test]')"
+    elif binary is None:
+        missing = "no nats-server binary (apt-get install nats-server, or WARPMESH_NATS_SERVER)"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the NATS transport's tests, but {missing}")
+        pytest.skip(missing)
+    assert binary is not None
+    server = NatsServer(binary, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def by_id(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {peer["id"]: peer for peer in report["peers"]}
+
+
+def assert_all_answer_through(report: dict[str, Any], mesh: Cluster, name: str, url: str) -> None:
+    assert report["status"] == "healthy", report["verdict"]
+    assert report["problems"] == []
+    assert report["transport"] == {"name": name, "url": url, "last_error": None, "connected": True}
+    assert report["discovery"] == f"{url} transport (no discovery needed)"
+    peers = by_id(report)
+    assert len(peers) == len(mesh.procs)
+    for proc in mesh.procs:
+        stats = proc.stats()
+        peer = peers[stats["node_id"]]
+        assert (peer["address"], peer["pid"]) == ("", proc.pid)
+        assert peer["transport_connected"] is True
+        assert peer["stats"]["transport"]["name"] == name
+        others = len(mesh.procs) - 1
+        assert (peer["connected"], peer["expected"], peer["cannot_reach"]) == (others, others, [])
+        assert peer["latency_ms"] > 0
+
+
+def test_through_nats_whoever_answers_and_nobody_once_the_server_is_gone(
+    nats_server: NatsServer,
+) -> None:
+    env = {"WARPMESH_TRANSPORT": nats_server.url}
+    with cluster(3, TRANSPORT=nats_server.url, PEERS=[]) as mesh:
+        mesh.wait_connected()
+        result = mesh_status("--json", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_all_answer_through(report_of(result), mesh, "nats", nats_server.url)
+
+        table = mesh_status(env=env)
+        assert table.returncode == 0, table.stdout + table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[1] == f"Transport: nats at {nats_server.url}, connected"
+        for proc in mesh.procs:
+            (row,) = [line for line in lines if line.startswith(proc.stats()["node_id"])]
+            assert row.split()[1] == "-"  # no address: a node listens nowhere
+            assert f"/{proc.pid} " in row
+            assert re.search(r" 2 of 2 +up ", row)
+        assert lines[-1] == (
+            f"healthy: 3 peer(s) answered through {nats_server.url}, all connected to each other"
+        )
+
+        nats_server.kill()
+        wait_for(
+            lambda: not any(proc.stats()["transport"]["connected"] for proc in mesh.procs),
+            10,
+            message="every node to see its NATS link gone",
+        )
+        for proc in mesh.procs:
+            stats = proc.stats()
+            assert stats["transport"]["disconnects"] >= 1
+            assert stats["transport_losses"] == 1
+        result = mesh_status("--json", "--timeout", "1", env=env)
+        assert result.returncode == 1, result.stdout + result.stderr
+        report = report_of(result)
+        assert (report["status"], report["peers"]) == ("degraded", [])
+        assert report["problems"] == [{"kind": "no_answer"}]
+        assert report["transport"]["connected"] is False
+        assert report["transport"]["last_error"]
+        assert report["verdict"].startswith(
+            f"degraded: no node answered through {nats_server.url} (not connected to it: "
+        )
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.database
+def test_through_postgresql_listen_notify() -> None:
+    from tests.server_available import reachable
+
+    problem = reachable("postgresql")
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the PostgreSQL transport's tests, but: {problem}")
+        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    url = (
+        f"postgresql://{os.environ.get('WARPMESH_PG_USER', 'postgres')}@"
+        f"{os.environ.get('WARPMESH_PG_HOST', '127.0.0.1')}:"
+        f"{os.environ.get('WARPMESH_PG_PORT', '5432')}/{os.environ.get('WARPMESH_PG_NAME', 'test')}"
+    )
+    # A secret of its own: a channel no other test's nodes (nor another run's) publish on.
+    secret = f"status-{os.getpid()}-{free_ports(1)[0]}"
+    with cluster(3, TRANSPORT=url, PEERS=[], SECRET=secret) as mesh:
+        mesh.wait_connected()
+        result = mesh_status("--json", env={"WARPMESH_TRANSPORT": url, "WARPMESH_SECRET": secret})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_all_answer_through(report_of(result), mesh, "postgresql", url)
+
+
+def test_a_node_whose_broker_link_is_down_is_a_problem() -> None:
+    """The report alone (a node that answered, then lost its link, or reached us otherwise)."""
+    from django_warpmesh.management.commands.mesh_status import (
+        Census,
+        Reply,
+        Target,
+        build_report,
+    )
+
+    link = {"name": "nats", "url": "nats://broker:4222", "connected": False}
+    stats = {"node_id": "ab" * 8, "address": "", "pid": 7, "host": "h", "transport": link}
+    census = Census(
+        "nats://broker:4222 transport (no discovery needed)",
+        [Target("", "ab" * 8, "h", 7)],
+        {"ab" * 8: Reply(stats, 0.001, datetime.now(timezone.utc))},
+        transport={**link, "last_error": None, "connected": True},
+    )
+    report = build_report(census, 2.0)
+    assert report["exit_code"] == 1
+    assert report["problems"] == [
+        {"kind": "transport_disconnected", "peer": "", "id": "ab" * 8, "transport": "nats"}
+    ]
+    assert report["verdict"] == "degraded: node abababab has lost its nats link"
+    assert report["peers"][0]["transport_connected"] is False
+    # nng has no link to lose: its "connected" is never a problem, whatever it says.
+    nng = {**stats, "transport": {"name": "nng", "url": "", "connected": False}}
+    census.replies["ab" * 8] = Reply(nng, 0.001, datetime.now(timezone.utc))
+    assert build_report(census, 2.0)["problems"] == []

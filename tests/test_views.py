@@ -36,6 +36,9 @@ OUR_KEYS = {
     "rejected_by_reason",
     "queue_overflows",
     "send_errors",
+    "transport",
+    "transport_losses",
+    "heartbeat_period",
     "warpmesh_version",
 }
 
@@ -87,6 +90,7 @@ def test_staff_sees_the_stats_in_gl_meshs_shape(staff: User) -> None:
     assert stats["enabled"] is False
     assert stats["health"] == "disabled"
     assert stats["peers"] == []
+    assert (stats["transport"], stats["heartbeat_period"]) == (None, None)
     assert stats["warpmesh_version"] == django_warpmesh.__version__
 
 
@@ -101,6 +105,11 @@ def test_staff_sees_the_dashboard(staff: User) -> None:
     assert 'href="/warpmesh/assets/dashboard.css"' in html
     assert "No peers known to this process." in html
     assert 'class="badge health-disabled"' in html
+    # No node, so no transport and no heartbeat: dashes, no link state.
+    assert '<code id="wm-transport-name">—</code>' in html
+    assert '<span id="wm-transport-state" class="link">—</span>' in html
+    assert '<span id="wm-heartbeat">—</span>' in html
+    assert '<p id="wm-transport-error" class="reason" hidden>' in html
 
 
 def test_refresh_is_clamped(staff: User) -> None:
@@ -231,6 +240,12 @@ def test_stats_and_dashboard_show_the_peers(web_node: tuple[str, Cluster], staff
     assert stats["peer_id"] == stats["node_id"]
     assert stats["address"] == own
     assert (stats["peers_connected"], stats["peers_known"]) == (2, 2)
+    # The default transport, nng: peer to peer, its URL this node's own address, always up.
+    transport = stats["transport"]
+    assert (transport["name"], transport["url"], transport["connected"]) == ("nng", own, True)
+    assert stats["heartbeat_period"] == 0.2  # HEARTBEAT, in a mesh of 3
+    assert stats["transport_losses"] == 0
+    assert all(peer["heartbeat_period"] == 0.2 for peer in stats["peers"])
     assert {peer["address"] for peer in stats["peers"]} == set(mesh.addresses)
     for peer in stats["peers"]:
         assert peer["connected"] is True
@@ -254,6 +269,11 @@ def test_stats_and_dashboard_show_the_peers(web_node: tuple[str, Cluster], staff
         assert f'<tr data-address="{address}" class="ok">' in html
     assert 'class="badge health-healthy"' in html
     assert stats["peer_id"] in html
+    assert '<code id="wm-transport-name">nng</code>' in html
+    assert f'<code id="wm-transport-url">{own}</code>' in html
+    assert '<span id="wm-transport-state" class="link link-up">connected</span>' in html
+    assert '<span id="wm-heartbeat">0.20 s</span>' in html
+    assert '<p id="wm-transport-error" class="reason" hidden>' in html
 
     # No secret anywhere: not the mesh SECRET, not SECRET_KEY, not the derived frame key.
     from django_warpmesh.conf import get_settings
@@ -309,4 +329,37 @@ def test_failing_discovery_shows_as_degraded_with_its_reason(
     assert (
         "Peer discovery is failing (4 attempt(s) in a row): cannot reach the peer table on "
         "database &#x27;default&#x27; (refused)"
+    ) in page
+
+
+def test_a_broker_link_down_is_shown_with_its_reason(
+    staff: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stats = django_warpmesh.mesh_stats()
+    lost = {
+        **stats,
+        "enabled": True,
+        "ready": True,
+        "degraded": True,
+        "heartbeat_period": 1.0,
+        "transport": {
+            "name": "nats",
+            "url": "nats://broker:4222",
+            "connected": False,
+            "last_error": "connection refused",
+        },
+        "transport_losses": 1,
+    }
+    monkeypatch.setattr(django_warpmesh, "mesh_stats", lambda: lost)
+    client = logged_in(staff)
+    payload = client.get(STATS).json()
+    assert payload["health"] == "degraded"
+    assert payload["transport"] == lost["transport"]
+    page = client.get(DASHBOARD).content.decode()
+    assert '<code id="wm-transport-url">nats://broker:4222</code>' in page
+    assert '<span id="wm-transport-state" class="link link-down">not connected</span>' in page
+    assert '<span id="wm-heartbeat">1.00 s</span>' in page
+    assert (
+        '<p id="wm-transport-error" class="reason">The nats link is down, new entries are capped '
+        "meanwhile: connection refused</p>"
     ) in page

@@ -2,8 +2,10 @@
 
 The command runs an *observer* node: it dials every peer (from the peer table, or ``PEERS``),
 asks each for its stats over the mesh (signed STATS_REQUEST / STATS_REPLY frames), and prints
-them with a verdict. An observer never registers in the peer table, never appears in a peer's
-list, never sends an invalidation and never causes a flush.
+them with a verdict (with a broker ``TRANSPORT``, nobody is dialled: the observer joins the
+broker and asks everyone at once; whoever answers is the mesh). An observer never registers in
+the peer table, never appears in a peer's list, never sends an invalidation and never causes a
+flush.
 
 Exit status, usable as a probe: 0 healthy, 1 degraded, 2 disabled or misconfigured (including bad
 arguments). Output keys (``--json``) are documented in docs/operations.md and kept stable.
@@ -21,6 +23,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -31,6 +34,7 @@ from django.db import DatabaseError, connections
 
 from django_warpmesh import node as mesh_node
 from django_warpmesh.conf import MeshSettings, parse
+from django_warpmesh.node.transports import TransportError
 
 SCHEMA = 1
 HEALTHY, DEGRADED, DISABLED = 0, 1, 2
@@ -40,6 +44,9 @@ DEFAULT_TIMEOUT = 2.0
 DEFAULT_WATCH = 2.0
 # While some peer has not answered, ask again this often (a request can be lost like any frame).
 RETRY_EVERY = 0.5
+# A broker's round: replies come within milliseconds of each other; once one came, the round
+# ends when none came for this long (or at --timeout).
+BROKER_QUIET = 0.3
 
 
 class Unavailable(Exception):
@@ -55,13 +62,17 @@ class Unavailable(Exception):
 class Target:
     """A peer of the mesh, as the peer table (or PEERS) names it."""
 
-    address: str
+    address: str  # "" with a broker transport (a node listens nowhere)
     node_id: str | None = None
     host: str | None = None
     pid: int | None = None
     started_at: datetime | None = None
     last_seen: datetime | None = None
     stale: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.address or self.node_id or ""
 
 
 @dataclass
@@ -84,6 +95,11 @@ class Census:
     targets: list[Target]
     replies: dict[str, Reply] = field(default_factory=dict)  # by node id (hex)
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    transport: dict[str, Any] | None = None  # the observer's: name, url, connected, last_error
+
+    @property
+    def broker(self) -> bool:
+        return self.transport is not None and self.transport["name"] != "nng"
 
 
 def _positive_seconds(text: str) -> float:
@@ -211,12 +227,27 @@ class Observer:
     def report(self, timeout: float) -> dict[str, Any]:
         try:
             config = _settings()
-            census = find_targets(config)
+            census = find_targets(config) if config.broker is None else None
             node = self._node(config)
         except Unavailable as exc:
             return unavailable_report(exc, timeout)
-        node.set_peer_addresses([target.address for target in census.targets])
-        self._collect(node, census, timeout)
+        if census is None:
+            census = Census(node.registry.description, [])
+            self._collect_broker(node, census, timeout)
+            census.targets = sorted(
+                (_answered(node_id, reply) for node_id, reply in census.replies.items()),
+                key=lambda t: (t.host or "", t.pid or 0, t.node_id or ""),
+            )
+        else:
+            node.set_peer_addresses([target.address for target in census.targets])
+            self._collect(node, census, timeout)
+        info = node.snapshot()["transport"] or {}
+        census.transport = {
+            "name": info.get("name"),
+            "url": info.get("url") or None,  # nng: the observer listens nowhere
+            "connected": bool(info.get("connected")),
+            "last_error": info.get("last_error"),
+        }
         return build_report(census, timeout)
 
     def _node(self, config: MeshSettings) -> mesh_node.MeshNode:
@@ -224,7 +255,10 @@ class Observer:
             return self.node
         from django_warpmesh.mesh import build_node
 
-        node = build_node(observer=True)
+        try:
+            node = build_node(observer=True)
+        except TransportError as exc:  # a missing extra, a database that is not PostgreSQL
+            raise Unavailable("misconfigured", f"misconfigured: {exc}")
         if not isinstance(node, mesh_node.MeshNode):
             raise Unavailable("misconfigured", f"misconfigured: {node.reason}")
         try:
@@ -239,28 +273,13 @@ class Observer:
         """Ask every connected peer for its stats until all targets answered or time is up."""
         wanted = {target.address for target in census.targets}
         replies = census.replies
-        asked_at: dict[int, float] = {}
-        lock = threading.Lock()
-        changed = threading.Event()
-
-        def on_reply(node_id: bytes, stats: dict[str, Any], *, request_id: int) -> None:
-            with lock:
-                if node_id.hex() not in replies and isinstance(stats, dict):
-                    replies[node_id.hex()] = Reply(
-                        stats,
-                        time.monotonic() - asked_at[request_id],
-                        datetime.now(timezone.utc),
-                    )
-            changed.set()
-
+        requests = _Requests(node, self._ids, replies)
         deadline = time.monotonic() + timeout
         asked: set[bytes] = set()
-        last_ask = -math.inf
-        request_ids: list[int] = []
         try:
             while True:
                 peers = node.peers()
-                with lock:
+                with requests.lock:
                     _note_dialed(peers, replies)
                     answered = {a for reply in replies.values() for a in reply.addresses}
                     answered_ids = set(replies)
@@ -271,22 +290,80 @@ class Observer:
                     break
                 alive = {peer.node_id for peer in peers if peer.alive}
                 waiting = {node_id for node_id in alive if node_id.hex() not in answered_ids}
-                if waiting - asked or (waiting and now - last_ask >= RETRY_EVERY):
-                    request_id = next(self._ids) & 0x7FFFFFFF
-                    request_ids.append(request_id)
-                    asked_at[request_id] = now
-                    node.request_stats(
-                        request_id, functools.partial(on_reply, request_id=request_id)
-                    )
+                if waiting - asked or (waiting and now - requests.last >= RETRY_EVERY):
+                    requests.ask()
                     asked |= waiting
-                    last_ask = now
-                changed.wait(min(0.02, max(0.0, deadline - now)))
-                changed.clear()
+                requests.wait(deadline)
         finally:
-            for request_id in request_ids:
-                node.cancel_stats_request(request_id)
-            with lock:
+            requests.cancel()
+            with requests.lock:
                 _note_dialed(node.peers(), replies)
+
+    def _collect_broker(self, node: mesh_node.MeshNode, census: Census, timeout: float) -> None:
+        """Whoever answers is the mesh: ask as soon as the observer's link is up (again while
+        nobody answered), until answers stop coming for BROKER_QUIET or time is up."""
+        requests = _Requests(node, self._ids, census.replies)
+        deadline = time.monotonic() + timeout
+        seen, last_new = 0, 0.0
+        try:
+            while (now := time.monotonic()) < deadline:
+                with requests.lock:
+                    count = len(census.replies)
+                if count > seen:
+                    seen, last_new = count, now
+                elif seen and now - last_new >= BROKER_QUIET:
+                    break
+                if (
+                    not seen
+                    and now - requests.last >= RETRY_EVERY
+                    and (node.snapshot()["transport"] or {}).get("connected")
+                ):
+                    requests.ask()
+                requests.wait(deadline)
+        finally:
+            requests.cancel()
+
+
+class _Requests:
+    """One round's stats requests, and the replies to them (by node id), with their RTT."""
+
+    def __init__(
+        self, node: mesh_node.MeshNode, ids: Iterator[int], replies: dict[str, Reply]
+    ) -> None:
+        self.node, self.ids, self.replies = node, ids, replies
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.last = -math.inf  # when the last request went
+        self._asked_at: dict[int, float] = {}
+
+    def ask(self) -> None:
+        request_id = next(self.ids) & 0x7FFFFFFF
+        self.last = self._asked_at[request_id] = time.monotonic()
+        self.node.request_stats(request_id, functools.partial(self._on_reply, request_id))
+
+    def _on_reply(self, request_id: int, node_id: bytes, stats: dict[str, Any]) -> None:
+        with self.lock:
+            if node_id.hex() not in self.replies and isinstance(stats, dict):
+                self.replies[node_id.hex()] = Reply(
+                    stats,
+                    time.monotonic() - self._asked_at[request_id],
+                    datetime.now(timezone.utc),
+                )
+        self.changed.set()
+
+    def wait(self, deadline: float) -> None:
+        self.changed.wait(min(0.02, max(0.0, deadline - time.monotonic())))
+        self.changed.clear()
+
+    def cancel(self) -> None:
+        for request_id in self._asked_at:
+            self.node.cancel_stats_request(request_id)
+
+
+def _answered(node_id: str, reply: Reply) -> Target:
+    """A node found by its answer (a broker transport: no table, no address to dial)."""
+    stats = reply.stats
+    return Target(str(stats.get("address") or ""), node_id, stats.get("host"), stats.get("pid"))
 
 
 def _note_dialed(peers: list[mesh_node.Peer], replies: dict[str, Reply]) -> None:
@@ -421,6 +498,7 @@ def unavailable_report(exc: Unavailable, timeout: float) -> dict[str, Any]:
         "verdict": exc.message,
         "checked_at": _iso(datetime.now(timezone.utc)),
         "discovery": None,
+        "transport": None,
         "timeout_s": timeout,
         "problems": [],
         "peers": [],
@@ -430,20 +508,20 @@ def unavailable_report(exc: Unavailable, timeout: float) -> dict[str, Any]:
 def build_report(census: Census, timeout: float) -> dict[str, Any]:
     targets = census.targets
     by_id = {target.node_id: target for target in targets if target.node_id}
-    by_address = {target.address: target for target in targets}
-    matched: dict[str, Reply] = {}  # target address -> its reply
+    by_address = {target.address: target for target in targets if target.address}
+    matched: dict[str, Reply] = {}  # target key (its address, else its id) -> its reply
     for node_id, answer in census.replies.items():
         target = by_id.get(node_id) or next(
             (by_address[a] for a in sorted(answer.addresses) if a in by_address), None
         )
-        if target is not None and target.address not in matched:
-            matched[target.address] = answer
+        if target is not None and target.key not in matched:
+            matched[target.key] = answer
     # Each peer by every name it may appear under in another's view: id, address, dialled as.
     names = {
-        target.address: {target.address, target.node_id}
+        target.key: {target.address, target.node_id}
         | (
-            {str(matched[target.address].stats.get("node_id"))} | matched[target.address].addresses
-            if target.address in matched
+            {str(matched[target.key].stats.get("node_id"))} | matched[target.key].addresses
+            if target.key in matched
             else set()
         )
         for target in targets
@@ -451,8 +529,8 @@ def build_report(census: Census, timeout: float) -> dict[str, Any]:
     peers: list[dict[str, Any]] = []
     problems: list[dict[str, Any]] = []
     for target in targets:
-        reply = matched.get(target.address)
-        others = {address: names[address] for address in names if address != target.address}
+        reply = matched.get(target.key)
+        others = {key: names[key] for key in names if key != target.key}
         peers.append(_peer_entry(target, reply, others, census.now))
     for entry in peers:
         if not entry["answering"]:
@@ -477,7 +555,27 @@ def build_report(census: Census, timeout: float) -> dict[str, Any]:
                     "unreachable": entry["cannot_reach"],
                 }
             )
-    if not targets:
+    for entry in peers:
+        link = (entry["stats"] or {}).get("transport") or {}
+        if entry["transport_connected"] is False and link.get("name") != "nng":
+            problems.append(
+                {
+                    "kind": "transport_disconnected",
+                    "peer": entry["address"],
+                    "id": entry["id"],
+                    "transport": link.get("name"),
+                }
+            )
+    transport = census.transport or {}
+    through = transport.get("url") or transport.get("name")
+    if not targets and census.broker:
+        problems.append({"kind": "no_answer"})
+        verdict = f"degraded: no node answered through {through}" + (
+            ""
+            if transport.get("connected")
+            else f" (not connected to it: {transport.get('last_error') or 'connecting'})"
+        )
+    elif not targets:
         where = "the peer table is empty" if census.discovery.startswith("database") else ""
         problems.append({"kind": "no_peers"})
         verdict = "degraded: no peers" + (
@@ -486,8 +584,10 @@ def build_report(census: Census, timeout: float) -> dict[str, Any]:
     elif problems:
         verdict = "degraded: " + "; ".join(_describe(problem) for problem in problems)
     else:
-        verdict = f"healthy: {len(targets)} peer(s), all answering" + (
-            ", all connected to each other" if len(targets) > 1 else ""
+        verdict = (
+            f"healthy: {len(targets)} peer(s)"
+            + (f" answered through {through}" if census.broker else ", all answering")
+            + (", all connected to each other" if len(targets) > 1 else "")
         )
     status = "degraded" if problems else "healthy"
     return {
@@ -497,6 +597,7 @@ def build_report(census: Census, timeout: float) -> dict[str, Any]:
         "verdict": verdict,
         "checked_at": _iso(census.now),
         "discovery": census.discovery,
+        "transport": census.transport,
         "timeout_s": timeout,
         "problems": problems,
         "peers": peers,
@@ -509,10 +610,14 @@ def _describe(problem: dict[str, Any]) -> str:
         return f"{label} not answering"
     if problem["kind"] == "discovery_failing":
         return f"{label} cannot use peer discovery: {problem['reason']}"
+    if problem["kind"] == "transport_disconnected":
+        return f"{label} has lost its {problem['transport']} link"
     return f"{label} cannot reach {', '.join(problem['unreachable'])}"
 
 
 def _label(address: str, node_id: str | None) -> str:
+    if not address:
+        return f"node {node_id[:8]}" if node_id else "a node"
     return f"{address} ({node_id[:8]})" if node_id else address
 
 
@@ -540,6 +645,7 @@ def _peer_entry(
         "degraded": None,
         "discovery_error": None,
         "relayed_pids": None,
+        "transport_connected": None,
         "connected": None,
         "expected": len(others),
         "cannot_reach": None,
@@ -564,6 +670,7 @@ def _peer_entry(
         degraded=stats.get("degraded"),
         discovery_error=stats.get("discovery_error"),
         relayed_pids=stats.get("relayed_pids") or [],
+        transport_connected=(stats.get("transport") or {}).get("connected"),
         connected=len(reached),
         cannot_reach=[address for address in others if address not in reached],
         latency_ms=round(reply.rtt / 2 * 1000, 3),
@@ -583,6 +690,7 @@ COLUMNS = (
     "HOST/PID",
     "AGE",
     "CONNECTED",
+    "LINK",
     "LATENCY",
     "INV SENT",
     "INV RECV",
@@ -597,14 +705,21 @@ def render_table(report: dict[str, Any]) -> list[str]:
         return []
     peers = report["peers"]
     checked = str(report["checked_at"])[:19].replace("T", " ")
-    header = f"Mesh: {len(peers)} peer(s), {report['discovery']}, checked {checked} UTC"
+    header = [f"Mesh: {len(peers)} peer(s), {report['discovery']}, checked {checked} UTC"]
+    transport = report["transport"]
+    if transport is not None:
+        url = f" at {transport['url']}" if transport["url"] else ""
+        state = "connected" if transport["connected"] else "NOT connected"
+        why = "" if transport["connected"] else f" ({transport['last_error'] or 'connecting'})"
+        header.append(f"Transport: {transport['name']}{url}, {state}{why}")
     if not peers:
-        return [header]
-    rows = [COLUMNS]
+        return header
+    rows: list[tuple[str, ...]] = [COLUMNS]
     for peer in peers:
         host_pid = (
             f"{peer['host'] or '?'}/{peer['pid'] or '?'}" if peer["host"] or peer["pid"] else "-"
         )
+        link = {True: "up", False: "down"}.get(peer["transport_connected"], "-")
         if peer["answering"]:
             connected = f"{peer['connected']} of {peer['expected']}"
             numbers = [
@@ -621,10 +736,11 @@ def render_table(report: dict[str, Any]) -> list[str]:
         rows.append(
             (
                 (peer["id"] or "-")[:16],
-                peer["address"],
+                peer["address"] or "-",
                 host_pid,
                 _duration(peer["age_s"]),
                 connected,
+                link,
                 *numbers,
                 f"{last_seen} ago{' (stale)' if peer['stale'] else ''}"
                 if peer["last_seen_s"] is not None
@@ -632,8 +748,8 @@ def render_table(report: dict[str, Any]) -> list[str]:
             )
         )
     widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS))]
-    numeric = {5, 6, 7, 8, 9}
-    lines = [header, ""]
+    numeric = {6, 7, 8, 9, 10}
+    lines = [*header, ""]
     for row in rows:
         cells = [
             value.rjust(widths[index])

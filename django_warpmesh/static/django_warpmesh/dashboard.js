@@ -107,6 +107,20 @@
     setText("wm-host", stats.host);
     setText("wm-pid", stats.pid);
     setText("wm-discovery", stats.discovery);
+    var transport = stats.transport;
+    setText("wm-transport-name", transport && transport.name);
+    setText("wm-transport-url", transport && transport.url);
+    var link = byId("wm-transport-state");
+    link.className = "link" + (transport ? (transport.connected ? " link-up" : " link-down") : "");
+    link.textContent = transport ? (transport.connected ? "connected" : "not connected") : "—";
+    var period = stats.heartbeat_period;
+    setText("wm-heartbeat", period === null || period === undefined ? null : Number(period).toFixed(2) + " s");
+    var linkDown = Boolean(transport && !transport.connected);
+    var transportError = byId("wm-transport-error");
+    transportError.textContent = linkDown
+      ? "The " + transport.name + " link is down, new entries are capped meanwhile: " + (transport.last_error || "connecting")
+      : "";
+    transportError.hidden = !linkDown;
     var reason = byId("wm-reason");
     reason.textContent = stats.reason || "";
     reason.hidden = !stats.reason;
