@@ -50,8 +50,7 @@ class StaticRegistry:
 class BrokerRegistry:
     """A broker ``TRANSPORT``: every process subscribed hears every frame, nobody is dialled."""
 
-    def __init__(self, transport: str) -> None:
-        self.description = f"{transport} transport (no discovery needed)"
+    description = "no discovery: every process subscribed to the broker"
 
     def initial(self) -> list[str] | None:
         return []
@@ -154,7 +153,7 @@ def build_node(*, observer: bool = False) -> mesh_node.MeshNode | mesh_node.Null
         # the process caching alone, capped, with an ERROR line (see node.process).
         key = frame_key(config)
         broker = build_broker(config, key)
-        registry = BrokerRegistry(broker.url)
+        registry = BrokerRegistry()
         return mesh_node.MeshNode(config, key, registry, observer=observer, broker=broker)
     if config.peers:
         registry = StaticRegistry(config.peers)

@@ -464,7 +464,7 @@ def assert_all_answer_through(report: dict[str, Any], mesh: Cluster, name: str, 
     assert report["status"] == "healthy", report["verdict"]
     assert report["problems"] == []
     assert report["transport"] == {"name": name, "url": url, "last_error": None, "connected": True}
-    assert report["discovery"] == f"{url} transport (no discovery needed)"
+    assert report["discovery"] == "no discovery: every process subscribed to the broker"
     peers = by_id(report)
     assert len(peers) == len(mesh.procs)
     for proc in mesh.procs:
@@ -524,7 +524,7 @@ def test_through_nats_whoever_answers_and_nobody_once_the_server_is_gone(
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.database
+@pytest.mark.broker
 def test_through_postgresql_listen_notify() -> None:
     from tests.server_available import reachable
 
@@ -559,7 +559,7 @@ def test_a_node_whose_broker_link_is_down_is_a_problem() -> None:
     link = {"name": "nats", "url": "nats://broker:4222", "connected": False}
     stats = {"node_id": "ab" * 8, "address": "", "pid": 7, "host": "h", "transport": link}
     census = Census(
-        "nats://broker:4222 transport (no discovery needed)",
+        "no discovery: every process subscribed to the broker",
         [Target("", "ab" * 8, "h", 7)],
         {"ab" * 8: Reply(stats, 0.001, datetime.now(timezone.utc))},
         transport={**link, "last_error": None, "connected": True},

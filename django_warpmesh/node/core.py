@@ -728,6 +728,9 @@ class MeshNode:
         assert self._transport is not None
         try:
             if not self._transport.send(data):
+                if self._broker is not None:
+                    # Refused: the link is down (peers see the gap) or its buffer is full.
+                    self.counters.send_errors += 1
                 return False
         except TransportError as exc:
             self.counters.send_errors += 1

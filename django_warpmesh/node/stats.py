@@ -77,7 +77,7 @@ def peer_rows(
     """A snapshot's ``peers``: those alive or expected, then the expected ones never heard."""
     peers = list(peers)
     rows = []
-    for peer in sorted(peers, key=lambda p: p.address):
+    for peer in sorted(peers, key=lambda p: (p.address, p.node_id)):  # no address: a broker
         if not peer.alive and not {peer.address, peer.dialed_as} & expected:
             continue
         rows.append(

@@ -48,8 +48,9 @@ class Transport(Protocol):
     name: str
 
     def send(self, data: bytes) -> bool:
-        """Send one frame to every peer without blocking. False: closed (the node is
-        stopping); raises :class:`TransportError` for a frame it could not send."""
+        """Send one frame to every peer without blocking. False: not sent (nng: closed, the
+        node is stopping; a broker: refused, counted by the node in ``send_errors``); raises
+        :class:`TransportError` for a frame it could not send."""
 
     def receive(self, limit: int) -> list[Received]:
         """Up to ``limit`` frames waiting, oldest first; never blocks. Raises
