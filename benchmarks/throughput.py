@@ -264,7 +264,8 @@ def raw_open(buffer_size: int) -> str:
 
     import pynng
 
-    from django_warpmesh.node.core import RECV_BATCH, _Readable
+    from django_warpmesh.node.receiving import RECV_BATCH
+    from django_warpmesh.node.waiting import Readable
     from tests.cluster import free_ports
 
     (port,) = free_ports(1)
@@ -273,7 +274,7 @@ def raw_open(buffer_size: int) -> str:
     meter = {"frames": 0, "first_ns": 0, "last_ns": 0}
 
     def receive() -> None:
-        ready = _Readable(socket.recv_fd)
+        ready = Readable(socket.recv_fd)
         while True:
             try:
                 if not ready.wait(250):

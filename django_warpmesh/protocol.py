@@ -156,6 +156,27 @@ def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(type(item) is str for item in value)
 
 
+def _digest_pairs(args: object) -> bool:
+    return isinstance(args, list) and all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and type(pair[0]) is str
+        and isinstance(pair[1], bytes)
+        and len(pair[1]) == DIGEST_SIZE
+        for pair in args
+    )
+
+
+# What each op's arguments must be on the wire: one entry per OpCode (test_registries.py).
+OP_ARGUMENTS: dict[OpCode, Callable[[object], bool]] = {
+    OpCode.DELETE: _is_str_list,  # keys
+    OpCode.DELETE_UNLESS: _digest_pairs,  # [key, digest of the value written]
+    OpCode.CLEAR: lambda args: args is None,
+    OpCode.PATTERN: lambda args: type(args) is str,  # a glob
+    OpCode.TAGS: _is_str_list,  # tags
+}
+
+
 def _validate_ops(body: object) -> list[Op]:
     if not isinstance(body, list) or not body:
         raise ProtocolError("malformed", "invalidate body")
@@ -167,22 +188,7 @@ def _validate_ops(body: object) -> list[Op]:
         code = _OPCODES.get(code_value) if type(code_value) is int else None
         if code is None:
             raise ProtocolError("malformed", f"unknown op {code_value!r}")
-        if code is OpCode.DELETE or code is OpCode.TAGS:
-            ok = _is_str_list(args)
-        elif code is OpCode.DELETE_UNLESS:
-            ok = isinstance(args, list) and all(
-                isinstance(pair, list)
-                and len(pair) == 2
-                and type(pair[0]) is str
-                and isinstance(pair[1], bytes)
-                and len(pair[1]) == DIGEST_SIZE
-                for pair in args
-            )
-        elif code is OpCode.CLEAR:
-            ok = args is None
-        else:
-            ok = type(args) is str
-        if not ok:
+        if not OP_ARGUMENTS[code](args):
             raise ProtocolError("malformed", f"{code.name} arguments")
         ops.append(Op(alias, code, args))
     return ops

@@ -52,10 +52,10 @@ def _starvable_mesh_threads() -> dict[str, bool]:
     """Lets a test stop the node's receiver or sender thread from running ("starve")."""
     import threading
 
-    from django_warpmesh.node import core
+    from django_warpmesh.node import waiting
 
     starved: dict[str, bool] = {}
-    readable_wait, wakeup_wait = core._Readable.wait, core.Wakeup.wait
+    readable_wait, wakeup_wait = waiting.Readable.wait, waiting.Wakeup.wait
 
     def starving(wait: Any) -> Any:
         def patched(self: Any, timeout: float) -> bool:
@@ -70,8 +70,8 @@ def _starvable_mesh_threads() -> dict[str, bool]:
 
         return patched
 
-    core._Readable.wait = starving(readable_wait)  # type: ignore[method-assign]
-    core.Wakeup.wait = starving(wakeup_wait)  # type: ignore[method-assign]
+    waiting.Readable.wait = starving(readable_wait)  # type: ignore[method-assign]
+    waiting.Wakeup.wait = starving(wakeup_wait)  # type: ignore[method-assign]
     return starved
 
 
@@ -209,7 +209,7 @@ def main() -> None:
             import select
 
             node = mesh_node.get_node()
-            return bool(select.select([node._socket.recv_fd], [], [], 0)[0])  # type: ignore[union-attr]
+            return bool(select.select([node.socket.recv_fd], [], [], 0)[0])  # type: ignore[union-attr]
         if call == "fork":
             # The child answers and goes on serving these requests; the parent (its mesh
             # threads running) waits for it to exit, then answers with its exit status.

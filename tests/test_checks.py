@@ -334,31 +334,31 @@ def test_rejected_frames_and_gaps_are_logged_at_most_once_a_minute(
     node = node_with_clock(now)
     caplog.set_level(logging.INFO, logger="django_warpmesh")
     for _ in range(5):
-        node._reject("bad_mac")
-    node._reject("malformed")
+        node.receiver._reject("bad_mac")
+    node.receiver._reject("malformed")
     assert caplog.messages == [
         "mesh: rejected a frame (bad_mac)",
         "mesh: rejected a frame (malformed)",
     ]
     caplog.clear()
     now[0] += LOG_EVERY / 2
-    node._log.flush(now[0])
+    node.log.flush(now[0])
     assert caplog.messages == []  # the minute is not over
     now[0] += LOG_EVERY / 2
-    node._log.flush(now[0])  # the receiver does this between batches
+    node.log.flush(now[0])  # the receiver does this between batches
     assert caplog.messages == ["mesh: rejected a frame (bad_mac) (4 more time(s) in the last 60 s)"]
     caplog.clear()
     now[0] += LOG_EVERY + 1
-    node._log.flush(now[0])  # nothing held back: nothing said, the slate is clean
-    node._reject("bad_mac")
+    node.log.flush(now[0])  # nothing held back: nothing said, the slate is clean
+    node.receiver._reject("bad_mac")
     assert caplog.messages == ["mesh: rejected a frame (bad_mac)"]
     assert node.counters.rejected_by_reason == {"bad_mac": 6, "malformed": 1}
 
     caplog.clear()
     peer = Peer(b"\x01" * 8, address="127.0.0.1:9")
     node.register_store("default", object())  # type: ignore[arg-type]
-    node._gap(peer)
-    node._gap(peer)
+    node.receiver._gap(peer)
+    node.receiver._gap(peer)
     assert caplog.messages == [
         "mesh: gap detected from 0101010101010101 (127.0.0.1:9): frames were lost, flushing "
         "the mesh caches (default)"

@@ -73,13 +73,13 @@ def test_the_node_harness_sees_what_it_checks() -> None:
 
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
-            reject = self.node._reject
+            reject = self.node.receiver._reject
 
             def leaky(reason: str) -> None:
                 reject(reason)
-                self.node._links.pipe_owner[99] = b"x" * 8
+                self.node.links.pipe_owner[99] = b"x" * 8
 
-            self.node._reject = leaky  # type: ignore[method-assign]
+            self.node.receiver._reject = leaky  # type: ignore[method-assign]
 
     # Node id, not ready; connect pipe 1; deliver one message on it: 40 random bytes.
     script = bytes([0x50, 255, 0, 0, 2, 0, 0, 9, 40]) + b"\x01" * 40

@@ -26,19 +26,19 @@ def node(clock: Clock, **warpmesh: Any) -> MeshNode:
         parse({"PEERS": [], "HEARTBEAT": 1.0, **warpmesh}), KEY, StaticRegistry([]), clock=clock
     )
     built.ready = True
-    built._transport = NngTransport(built.config, FakeSocket())
+    built.transport = NngTransport(built.config, FakeSocket())
     return built
 
 
 def with_members(mesh: MeshNode, count: int) -> None:
     for index in range(count):
-        peer = mesh._table.add(index.to_bytes(protocol.NODE_ID_SIZE, "big"))
+        peer = mesh.table.add(index.to_bytes(protocol.NODE_ID_SIZE, "big"))
         peer.alive, peer.heard_ns, peer.heard_at_ns = True, 5, 6
 
 
 def sent(mesh: MeshNode) -> list[bytes]:
-    assert isinstance(mesh._transport, NngTransport)
-    return list(mesh._transport.socket.sent)
+    assert isinstance(mesh.transport, NngTransport)
+    return list(mesh.transport.socket.sent)
 
 
 def sent_heartbeats(mesh: MeshNode) -> list[Heartbeat]:
@@ -69,7 +69,7 @@ def test_the_period_grows_with_the_mesh_past_the_fan_in(members: int, expected: 
 def test_a_heartbeat_promises_the_period_of_the_mesh_it_is_in() -> None:
     mesh = node(Clock())
     with_members(mesh, 63)
-    period = mesh._send_heartbeat()
+    period = mesh.sender._send_heartbeat()
     (heartbeat,) = sent_heartbeats(mesh)
     assert period == pytest.approx(63 / HEARTBEAT_FANIN)
     assert heartbeat.period_ms == round(period * 1000)
@@ -80,9 +80,9 @@ def test_a_heartbeat_promises_the_period_of_the_mesh_it_is_in() -> None:
 
 def test_an_observer_keeps_the_plain_heartbeat() -> None:
     mesh = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]), observer=True, clock=Clock())
-    mesh._transport = NngTransport(mesh.config, FakeSocket())
+    mesh.transport = NngTransport(mesh.config, FakeSocket())
     with_members(mesh, 63)
-    assert mesh._send_heartbeat() == mesh.config.heartbeat
+    assert mesh.sender._send_heartbeat() == mesh.config.heartbeat
 
 
 def test_a_frame_sent_after_a_heartbeat_is_confirmed_within_heartbeat_not_the_period() -> None:
@@ -91,18 +91,18 @@ def test_a_frame_sent_after_a_heartbeat_is_confirmed_within_heartbeat_not_the_pe
     clock = Clock()
     mesh = node(clock)
     with_members(mesh, 63)
-    mesh._send_heartbeat()
-    assert mesh._confirm_by == float("inf")
+    mesh.sender._send_heartbeat()
+    assert mesh.sender._confirm_by == float("inf")
     clock.advance(0.3)
-    mesh._send_invalidate([Op("default", OpCode.DELETE, ["k"])])
-    assert mesh._confirm_by == pytest.approx(clock.now + 1.0)
-    assert mesh._wake.wait(0)  # the sender thread recomputes its wait
+    mesh.sender._send_invalidate([Op("default", OpCode.DELETE, ["k"])])
+    assert mesh.sender._confirm_by == pytest.approx(clock.now + 1.0)
+    assert mesh.sender._wake.wait(0)  # the sender thread recomputes its wait
     clock.advance(0.2)
-    mesh._send_invalidate([Op("default", OpCode.DELETE, ["j"])])
-    assert mesh._confirm_by == pytest.approx(clock.now - 0.2 + 1.0)  # once per heartbeat
-    assert not mesh._wake.wait(0)
-    mesh._send_heartbeat()  # the confirmation: it carries the last seq
-    assert mesh._confirm_by == float("inf")
+    mesh.sender._send_invalidate([Op("default", OpCode.DELETE, ["j"])])
+    assert mesh.sender._confirm_by == pytest.approx(clock.now - 0.2 + 1.0)  # once per heartbeat
+    assert not mesh.sender._wake.wait(0)
+    mesh.sender._send_heartbeat()  # the confirmation: it carries the last seq
+    assert mesh.sender._confirm_by == float("inf")
     frames = [mesh.codec.decode(data) for data in sent(mesh)]
     assert frames[-1].kind is Kind.HEARTBEAT
     assert frames[-1].seq == 2
@@ -112,15 +112,15 @@ def test_a_peer_is_lost_after_the_periods_it_promised_not_ours() -> None:
     clock = Clock()
     mesh = node(clock)
     pipe = connected_pipe(mesh)
-    mesh._handle_batch([FakeMessage(heartbeat_from(PEER, period_ms=10_000), pipe)])
-    peer = mesh._table.peers[PEER]
+    mesh.receiver._handle_batch([FakeMessage(heartbeat_from(PEER, period_ms=10_000), pipe)])
+    peer = mesh.table.peers[PEER]
     assert peer.alive
     assert peer.period == 10.0
     clock.advance(LIVENESS_HEARTBEATS * 1.0 + 1)  # past our own liveness window
-    mesh._tick()
+    mesh.receiver._tick()
     assert peer.alive
     clock.advance(LIVENESS_HEARTBEATS * 10.0)
-    mesh._tick()
+    mesh.receiver._tick()
     assert not peer.alive
     assert mesh.counters.peers_lost == 1
 
@@ -132,19 +132,19 @@ def test_a_peer_whose_connections_all_closed_is_lost_after_our_own_window() -> N
     mesh = node(clock)
     first, second = connected_pipe(mesh), connected_pipe(mesh)
     for stamp, pipe in enumerate((first, second), start=1):
-        mesh._handle_batch([FakeMessage(heartbeat_from(PEER, 60_000, stamp), pipe)])
-    peer = mesh._table.peers[PEER]
+        mesh.receiver._handle_batch([FakeMessage(heartbeat_from(PEER, 60_000, stamp), pipe)])
+    peer = mesh.table.peers[PEER]
     assert peer.pipes == {first.id, second.id}
     mesh._on_pipe_remove(first)
     clock.advance(LIVENESS_HEARTBEATS * 1.0 + 1)
-    mesh._tick()
+    mesh.receiver._tick()
     assert peer.alive  # one connection left: alive
     mesh._on_pipe_remove(second)
     clock.advance(LIVENESS_HEARTBEATS * 1.0 - 0.5)
-    mesh._tick()
+    mesh.receiver._tick()
     assert peer.alive  # it may reconnect (a network blip): its next heartbeat shows any gap
     clock.advance(1.0)
-    mesh._tick()
+    mesh.receiver._tick()
     assert not peer.alive
     assert mesh.counters.flushes == 1
 
@@ -153,12 +153,12 @@ def test_a_peer_that_reconnects_in_time_is_not_lost() -> None:
     clock = Clock()
     mesh = node(clock)
     old = connected_pipe(mesh)
-    mesh._handle_batch([FakeMessage(heartbeat_from(PEER, 60_000, 1), old)])
+    mesh.receiver._handle_batch([FakeMessage(heartbeat_from(PEER, 60_000, 1), old)])
     mesh._on_pipe_remove(old)
     clock.advance(1.0)
     new = connected_pipe(mesh)
-    mesh._handle_batch([FakeMessage(heartbeat_from(PEER, 60_000, 2), new)])
+    mesh.receiver._handle_batch([FakeMessage(heartbeat_from(PEER, 60_000, 2), new)])
     clock.advance(LIVENESS_HEARTBEATS * 1.0 + 1)
-    mesh._tick()
-    assert mesh._table.peers[PEER].alive
+    mesh.receiver._tick()
+    assert mesh.table.peers[PEER].alive
     assert mesh.counters.flushes == 0

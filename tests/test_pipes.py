@@ -48,43 +48,45 @@ def pair(node_id: bytes, peer_id: bytes) -> Pair:
     node = MeshNode(parse({"PEERS": [ADDRESS]}), KEY, StaticRegistry([]))
     node.node_id = node_id
     dialer = FakeDialer()
-    node._links.dialers[ADDRESS] = dialer
+    node.links.dialers[ADDRESS] = dialer
     built = Pair(node, dialer, Heartbeats(peer_id), FakePipe(1, dialer), FakePipe(2))
     node._on_pipe_connect(built.ours)
-    node._handle_batch([built.peer.on(built.ours)])
+    node.receiver._handle_batch([built.peer.on(built.ours)])
     return built
 
 
 def test_a_pipe_whose_first_frame_beats_its_connect_callback_still_counts() -> None:
     p = pair(SMALLER, LARGER)
     # The peer's own pipe delivers a frame before nng has run our connect callback for it.
-    p.node._handle_batch([p.peer.on(p.theirs)])
-    assert p.node._table.peers[LARGER].pipes == {1}
+    p.node.receiver._handle_batch([p.peer.on(p.theirs)])
+    assert p.node.table.peers[LARGER].pipes == {1}
     assert not p.dialer.closed
     p.node._on_pipe_connect(p.theirs)
-    p.node._handle_batch([p.peer.on(p.theirs)])
-    assert p.node._table.peers[LARGER].pipes == {1, 2}
+    p.node.receiver._handle_batch([p.peer.on(p.theirs)])
+    assert p.node.table.peers[LARGER].pipes == {1, 2}
     # Both pipes of the pair are up: the smaller id hangs up its own dialer.
     assert p.dialer.closed
-    assert p.node._links.parked == {ADDRESS: LARGER}
+    assert p.node.links.parked == {ADDRESS: LARGER}
 
 
 def test_a_pipe_already_gone_is_not_counted() -> None:
     p = pair(SMALLER, LARGER)
     p.node._on_pipe_connect(p.theirs)
     p.node._on_pipe_remove(p.theirs)
-    p.node._handle_batch([p.peer.on(p.theirs)])  # a frame nng had queued before the pipe went
-    assert p.node._table.peers[LARGER].pipes == {1}
+    p.node.receiver._handle_batch(
+        [p.peer.on(p.theirs)]
+    )  # a frame nng had queued before the pipe went
+    assert p.node.table.peers[LARGER].pipes == {1}
     assert not p.dialer.closed
 
 
 def test_the_larger_id_keeps_its_dialer() -> None:
     p = pair(LARGER, SMALLER)
     p.node._on_pipe_connect(p.theirs)
-    p.node._handle_batch([p.peer.on(p.theirs)])
-    assert p.node._table.peers[SMALLER].pipes == {1, 2}
+    p.node.receiver._handle_batch([p.peer.on(p.theirs)])
+    assert p.node.table.peers[SMALLER].pipes == {1, 2}
     assert not p.dialer.closed
-    assert p.node._links.parked == {}
+    assert p.node.links.parked == {}
 
 
 def test_a_stranger_repeating_a_sniffed_tag_owns_no_pipe_and_parks_nothing() -> None:
@@ -92,29 +94,29 @@ def test_a_stranger_repeating_a_sniffed_tag_owns_no_pipe_and_parks_nothing() -> 
     stranger = FakePipe(3)
     p.node._on_pipe_connect(stranger)
     sniffed = p.peer.on(p.ours).data  # a frame the peer sent, seen on the wire
-    p.node._handle_batch([FakeMessage(sniffed, p.ours)])
+    p.node.receiver._handle_batch([FakeMessage(sniffed, p.ours)])
     rejected = p.node.counters.frames_rejected
     # Its tag, behind bytes of the stranger's own: not a copy, so verified, and rejected.
     forged = bytes(200) + sniffed[-protocol.TAG_SIZE :]
-    p.node._handle_batch([FakeMessage(forged, stranger)] * 3)
+    p.node.receiver._handle_batch([FakeMessage(forged, stranger)] * 3)
     assert p.node.counters.frames_rejected == rejected + 3
-    assert stranger.id not in p.node._links.pipe_owner
+    assert stranger.id not in p.node.links.pipe_owner
     assert not p.dialer.closed
-    assert ADDRESS in p.node._links.dialers
+    assert ADDRESS in p.node.links.dialers
 
 
 def test_an_old_frame_replayed_owns_no_pipe() -> None:
     p = pair(SMALLER, LARGER)
     captured = p.peer.on(p.ours)
-    p.node._handle_batch([captured])
-    p.node._handle_batch([p.peer.on(p.ours)])  # newer frames since
+    p.node.receiver._handle_batch([captured])
+    p.node.receiver._handle_batch([p.peer.on(p.ours)])  # newer frames since
     replayer = FakePipe(3)
     p.node._on_pipe_connect(replayer)
     # The whole frame, byte for byte, replayed later on another pipe: valid, but not fresh.
     duplicates = p.node.counters.duplicates
-    p.node._handle_batch([FakeMessage(captured.data, replayer)])
+    p.node.receiver._handle_batch([FakeMessage(captured.data, replayer)])
     assert p.node.counters.duplicates == duplicates + 1
-    assert replayer.id not in p.node._links.pipe_owner
+    assert replayer.id not in p.node.links.pipe_owner
     assert not p.dialer.closed
 
 
@@ -127,8 +129,8 @@ def test_a_copy_of_our_own_frame_does_not_make_us_our_own_peer() -> None:
     for pipe in (first, second):
         p.node._on_pipe_connect(pipe)
     frame = own.on(first)
-    p.node._handle_batch([frame])
-    p.node._handle_batch([FakeMessage(frame.data, second)])
-    assert SMALLER not in p.node._table.peers
-    assert p.node._links.self_pipes >= {3}
-    assert 4 not in p.node._links.pipe_owner
+    p.node.receiver._handle_batch([frame])
+    p.node.receiver._handle_batch([FakeMessage(frame.data, second)])
+    assert SMALLER not in p.node.table.peers
+    assert p.node.links.self_pipes >= {3}
+    assert 4 not in p.node.links.pipe_owner

@@ -29,14 +29,14 @@ def idle_node() -> Iterator[MeshNode]:
 
 def test_an_idle_receiver_wakes_only_for_its_ticks(idle_node: MeshNode) -> None:
     laps = 0
-    tick_every = idle_node._tick_every_ms
+    tick_every = idle_node.receiver._tick_every_ms
 
     def counted() -> int:
         nonlocal laps
         laps += 1
         return tick_every()
 
-    idle_node._tick_every_ms = counted  # type: ignore[method-assign]
+    idle_node.receiver._tick_every_ms = counted  # type: ignore[method-assign]
     window = 1.5
     time.sleep(window)  # the behaviour measured is what the thread does while nothing happens
     # One lap per tick (each lap asks the cadence before and after its wait): a wait that

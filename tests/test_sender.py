@@ -47,7 +47,7 @@ class Link:
     def deliver(self) -> list[protocol.Frame]:
         """Hand what the sender sent since the last call to the peer; return it decoded."""
         sent, self.socket.sent = self.socket.sent, []
-        self.peer._handle_batch([FakeMessage(data, FakePipe(1)) for data in sent])
+        self.peer.receiver._handle_batch([FakeMessage(data, FakePipe(1)) for data in sent])
         return [self.sender.codec.decode(data) for data in sent]
 
 
@@ -55,7 +55,7 @@ class Link:
 def link() -> Link:
     sender = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]))
     socket = FakeSocket()
-    sender._transport = NngTransport(sender.config, socket)
+    sender.transport = NngTransport(sender.config, socket)
     sender.ready = True  # connected to its peers: it sends at once instead of holding
     clock = Clock()
     peer = MeshNode(parse({"PEERS": []}), KEY, StaticRegistry([]), clock=clock)
@@ -66,7 +66,7 @@ def link() -> Link:
     built = Link(sender, socket, peer, stores, clock)
     # First contact: the peer now follows the sender's sequence numbers.
     sender.publish("d", OpCode.DELETE, [":1:hello"])
-    sender._send_pending()
+    sender.sender._send_pending()
     (hello,) = built.deliver()
     assert hello.seq == 1
     stores["d"].applied.clear()
@@ -88,7 +88,7 @@ def test_a_key_that_cannot_be_encoded_clears_its_cache_on_peers_and_spares_the_r
     ]
     for entry in queued:
         link.sender.publish(*entry)
-    link.sender._send_pending()
+    link.sender.sender._send_pending()
     frames = link.deliver()
     assert [frame.seq for frame in frames] == list(range(2, 2 + len(frames)))
     assert Op("c", OpCode.CLEAR, None) in invalidations(frames)
@@ -106,14 +106,14 @@ def test_a_key_that_cannot_be_encoded_clears_its_cache_on_peers_and_spares_the_r
 def test_a_frame_that_cannot_be_built_at_all_leaves_a_gap_peers_flush_on(link: Link) -> None:
     # Not even a CLEAR of this cache can be encoded: its name is what msgpack refuses.
     link.sender.publish(UNSENDABLE, OpCode.DELETE, [":1:k"])
-    link.sender._send_pending()
+    link.sender.sender._send_pending()
     assert link.deliver() == []
     # The next frame the peer hears (a heartbeat here) shows the sequence number that was used.
-    link.sender._send_heartbeat()
+    link.sender.sender._send_heartbeat()
     (heartbeat,) = link.deliver()
     assert heartbeat.seq == 2
     link.clock.now += GAP_GRACE * 2
-    link.peer._tick()
+    link.peer.receiver._tick()
     assert link.peer.counters.gaps_detected == 1
     assert all(store.flushes == 1 for store in link.stores.values())
 
@@ -121,7 +121,7 @@ def test_a_frame_that_cannot_be_built_at_all_leaves_a_gap_peers_flush_on(link: L
 def test_a_batch_with_nothing_wrong_is_sent_as_before(link: Link) -> None:
     link.sender.publish("c", OpCode.DELETE, [":1:a"])
     link.sender.publish("c", OpCode.DELETE_UNLESS, (":1:b", b"v"))
-    link.sender._send_pending()
+    link.sender.sender._send_pending()
     (frame,) = link.deliver()
     assert frame.seq == 2
     assert frame.body == [
@@ -134,14 +134,14 @@ def test_a_batch_with_nothing_wrong_is_sent_as_before(link: Link) -> None:
 def test_a_reply_too_large_for_a_frame_loses_only_itself() -> None:
     node = MeshNode(parse({"PEERS": [], "MAX_FRAME_BYTES": 4096}), KEY, StaticRegistry([]))
     socket = FakeSocket()
-    node._transport = NngTransport(node.config, socket)
+    node.transport = NngTransport(node.config, socket)
     node.ready = True
     huge = protocol.StatsReply(1, b"R" * protocol.NODE_ID_SIZE, {"peers": ["x" * 100] * 100})
-    node._outbox += [
+    node.sender._outbox += [
         (Kind.STATS_REPLY, protocol.stats_reply_body(huge)),
         (Kind.BYE, None),
     ]
-    node._send_pending()
+    node.sender._send_pending()
     sent = [node.codec.decode(data) for data in socket.sent]
     assert [frame.kind for frame in sent] == [Kind.BYE]  # the goodbye still goes out
     assert node.counters.send_errors == 1

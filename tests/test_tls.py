@@ -205,7 +205,7 @@ def test_unreadable_files_at_start_fail_the_node_naming_the_key(pki: PKI, tmp_pa
     with pytest.raises(OSError, match=re.escape("WARPMESH['TLS']['KEY']: cannot read")) as info:
         node.start()
     assert files["KEY"] not in str(info.value)
-    assert node._socket is None
+    assert node.socket is None
 
     shutil.copy(pki.root / "node0.key", files["KEY"])
     Path(files["CERT"]).write_text(
@@ -215,7 +215,7 @@ def test_unreadable_files_at_start_fail_the_node_naming_the_key(pki: PKI, tmp_pa
     with pytest.raises(OSError, match=re.escape("WARPMESH['TLS']['CERT'] and ['KEY']")) as info:
         node.start()
     assert not any(line in str(info.value) for line in pki.key_body("node0"))
-    assert node._socket is None
+    assert node.socket is None
 
 
 class Registry:

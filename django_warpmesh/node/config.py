@@ -10,6 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import logging
+import socket
+
+logger = logging.getLogger("django_warpmesh")
 
 DEFAULT_PORT = 7934
 
@@ -123,3 +127,43 @@ def _port(name: str, text: str) -> int:
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def advertised_address(config: MeshSettings, port: int) -> str:
+    """The address peers dial this node by: ADVERTISE, BIND, or this host's own address."""
+    if config.advertise:
+        host, advertised_port = parse_address("ADVERTISE", config.advertise)
+        # ADVERTISE without the real port (PORT 0 or a range) would point peers elsewhere.
+        if config.port == 0 or config.port_range > 1:
+            advertised_port = port
+        return format_address(host, advertised_port)
+    return format_address(_default_host(config.bind), port)
+
+
+def reply_address(config: MeshSettings, port: int) -> str:
+    """Where an observer's stats replies come to: its host as a node would advertise it."""
+    if config.advertise:
+        host, _ = parse_address("ADVERTISE", config.advertise)
+    else:
+        host = _default_host(config.bind, warn=False)
+    return format_address(host, port)
+
+
+def _default_host(bind: str, *, warn: bool = True) -> str:
+    if bind not in {"0.0.0.0", "::", ""}:
+        return bind
+    try:
+        hostname = socket.gethostname()
+        for family, *_, sockaddr in socket.getaddrinfo(hostname, None, socket.AF_INET):
+            address = str(sockaddr[0])
+            if family == socket.AF_INET and not address.startswith("127."):
+                return address
+    except OSError:
+        pass
+    if not warn:
+        return "127.0.0.1"
+    logger.warning(
+        "mesh: no non-loopback address found for this host; advertising 127.0.0.1. "
+        "Set WARPMESH['ADVERTISE'] (or WARPMESH_ADVERTISE) so other hosts can reach it."
+    )
+    return "127.0.0.1"

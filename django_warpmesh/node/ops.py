@@ -24,17 +24,20 @@ def single_op(alias: str, code: OpCode, arg: Any) -> Op | None:
     if code is OpCode.DELETE or code is OpCode.TAGS:
         items = list(dict.fromkeys(arg))
         return Op(alias, code, items) if len(items) <= SINGLE_OP_MAX_ITEMS else None
-    return Op(alias, code, arg)  # CLEAR, PATTERN
+    if code is OpCode.CLEAR or code is OpCode.PATTERN:
+        return Op(alias, code, arg)
+    raise ValueError(f"no rule for sending {code!r} alone")
 
 
 def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> list[Op]:
     """Merge queued invalidations: a key once (its last op wins), a clear swallows its alias."""
     # The sender's per-key loop: a write loop's throughput is bounded by it, hence the locals.
-    clear, delete, delete_unless, tags_code = (
+    clear, delete, delete_unless, tags_code, pattern = (
         OpCode.CLEAR,
         OpCode.DELETE,
         OpCode.DELETE_UNLESS,
         OpCode.TAGS,
+        OpCode.PATTERN,
     )
     cleared: set[str] = set(overflowed)
     keys: dict[str, dict[str, bytes | None]] = {}
@@ -60,8 +63,11 @@ def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> 
             keys.setdefault(alias, {}).update(dict.fromkeys(arg))
         elif code is tags_code:
             tags.setdefault(alias, {}).update(dict.fromkeys(arg))
-        else:  # OpCode.PATTERN
+        elif code is pattern:
             patterns.setdefault(alias, {})[arg] = None
+        else:
+            # A new op code needs its rule here (and in single_op): never sent as another.
+            raise ValueError(f"no coalescing rule for {code!r}")
     ops = [Op(alias, clear, None) for alias in cleared]
     digest = protocol.digest
     for alias, entries in keys.items():

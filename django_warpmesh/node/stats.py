@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from django_warpmesh.node.peers import Peer
@@ -130,8 +131,9 @@ class EventLog:
             self._logged_once.add(key)
             logger.warning(message, *args)
 
-    def limited(self, key: str, message: str, *args: object) -> None:
-        """A warning at most once per ``LOG_EVERY`` seconds per key; repeats are summed up."""
+    def limited(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
+        """A warning at most once per ``LOG_EVERY`` seconds per key; repeats are summed up.
+        ``exc_info``: with the trace of the exception being handled (the first one only)."""
         now = self._clock()
         limit = self._limits.get(key)
         if limit is not None and (limit.repeats or now - limit.logged_at < LOG_EVERY):
@@ -140,7 +142,22 @@ class EventLog:
             self.flush(now)  # the summed-up line, if its minute is over
             return
         self._limits[key] = _Limited(now)
-        logger.warning(message, *args)
+        logger.warning(message, *args, exc_info=exc_info)
+
+    @contextlib.contextmanager
+    def surviving(
+        self, what: str, letting_through: tuple[type[Exception], ...] = ()
+    ) -> Iterator[None]:
+        """The node's one policy for an error nobody expected, on one of its threads or in a
+        caller's ``deliver``/``drain``: logged with its trace (at most once a minute per
+        ``what``, repeats summed up), and the thread goes on. A sender or receiver that died
+        would leave every peer stale, silently."""
+        try:
+            yield
+        except letting_through:
+            raise
+        except Exception:
+            self.limited(f"error:{what}", "mesh: error %s (continuing)", what, exc_info=True)
 
     def flush(self, now: float) -> None:
         """Receiver thread: log what a limited line held back, once its minute is up."""

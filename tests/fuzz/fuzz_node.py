@@ -126,12 +126,13 @@ class Harness:
     @contextlib.contextmanager
     def small_bounds(self) -> Iterator[None]:
         """Bounds low enough for a short input to reach them (restored after)."""
-        saved = self.core.RECENT_TAGS, self.peers_module.MAX_MISSING
-        self.core.RECENT_TAGS, self.peers_module.MAX_MISSING = RECENT_TAGS_FUZZED, 64
+        receiving = sys.modules[self.core.__name__.rpartition(".")[0] + ".receiving"]
+        saved = receiving.RECENT_TAGS, self.peers_module.MAX_MISSING
+        receiving.RECENT_TAGS, self.peers_module.MAX_MISSING = RECENT_TAGS_FUZZED, 64
         try:
             yield
         finally:
-            self.core.RECENT_TAGS, self.peers_module.MAX_MISSING = saved
+            receiving.RECENT_TAGS, self.peers_module.MAX_MISSING = saved
 
     def one_input(self, data: bytes) -> None:
         with self.small_bounds(), quiet():
@@ -188,9 +189,9 @@ class Run:
         )
         node.node_id = bytes([draw.byte()]) + b"\x80" * (p.NODE_ID_SIZE - 1)
         node.ready = draw.chance(200)
-        node._table.max_peers = MAX_PEERS_FUZZED
+        node.table.max_peers = MAX_PEERS_FUZZED
         self.dialer = FakeDialer()
-        node._links.dialers[ADDRESS] = self.dialer
+        node.links.dialers[ADDRESS] = self.dialer
         self.stores = {alias: RecordingStore() for alias in ("a", "b")}
         for alias, store in self.stores.items():
             node.register_store(alias, store)
@@ -204,15 +205,15 @@ class Run:
         # The most peers alive at once, at any moment (a batch can make one alive and the next
         # leave): the table's size is bounded by it.
         self.peak_alive = 0
-        heard = node._table.heard
+        heard = node.table.heard
 
         def counted(peer: Any, now: float | None = None) -> bool:
             was_alive = heard(peer, now)
-            alive = sum(p.alive for p in node._table.peers.values())
+            alive = sum(p.alive for p in node.table.peers.values())
             self.peak_alive = max(self.peak_alive, alive)
             return was_alive
 
-        node._table.heard = counted  # type: ignore[method-assign]
+        node.table.heard = counted  # type: ignore[method-assign]
 
     def run(self) -> None:
         for _ in range(MAX_STEPS):
@@ -232,7 +233,7 @@ class Run:
                 if self.draw.chance(32) and not self.waiting:
                     self.node.request_stats(1, lambda node_id, stats: None)
                     self.waiting = True
-                self.node._tick()
+                self.node.receiver._tick()
             self.check_bounds()
 
     # -- frames ---------------------------------------------------------------------------------
@@ -339,10 +340,10 @@ class Run:
                 batch.append(message)
                 continue
             if batch:
-                self.node._handle_batch(batch)
+                self.node.receiver._handle_batch(batch)
                 batch = []
             before = self.state()
-            self.node._handle_batch([message])
+            self.node.receiver._handle_batch([message])
             after = self.state()
             if after != before:
                 raise AssertionError(
@@ -354,10 +355,10 @@ class Run:
                     )
                 )
         if batch:
-            self.node._handle_batch(batch)
+            self.node.receiver._handle_batch(batch)
 
     def state(self) -> tuple[Any, ...]:
-        node, links = self.node, self.node._links
+        node, links = self.node, self.node.links
         return (
             dict(links.pipe_owner),
             dict(links.pipe_dialed),
@@ -384,12 +385,12 @@ class Run:
                     peer.latency_ms,
                     peer.invalidations_received,
                 )
-                for node_id, peer in node._table.peers.items()
+                for node_id, peer in node.table.peers.items()
             },
             node.ready,
-            list(node._outbox),
-            set(node._bye_acks),
-            dict(node._recent_tags),
+            list(node.sender._outbox),
+            set(node.sender._bye_acks),
+            dict(node.receiver._recent_tags),
             [(s.applied, s.flushes) for s in self.stores.values()],
             (
                 node.counters.flushes,
@@ -400,18 +401,20 @@ class Run:
 
     def check_bounds(self) -> None:
         node = self.node
-        table = node._table
+        table = node.table
         # Peers alive are never forgotten for a new one (test_peer_state.py says why), and the
         # table shrinks back only as new ones come: it holds at most the cap, or the most peers
         # ever alive at once and one more on its way to being heard.
         assert len(table.peers) <= max(MAX_PEERS_FUZZED, self.peak_alive + 1), len(table.peers)
-        assert len(node._recent_tags) <= RECENT_TAGS_FUZZED, len(node._recent_tags)
+        assert len(node.receiver._recent_tags) <= RECENT_TAGS_FUZZED, len(
+            node.receiver._recent_tags
+        )
         for peer in table.peers.values():
             assert len(peer.missing) <= self.h.peers_module.MAX_MISSING, len(peer.missing)
-            assert peer.pipes <= node._links.live_pipes, (peer.pipes, node._links.live_pipes)
-        assert len(node._dropped) <= self.h.core.DROPPED_PIPES_KEPT
-        assert len(node._strikes) <= PIPES
-        assert set(node._links.pipes) <= node._links.live_pipes
+            assert peer.pipes <= node.links.live_pipes, (peer.pipes, node.links.live_pipes)
+        assert len(node.guard._dropped) <= self.h.core.DROPPED_PIPES_KEPT
+        assert len(node.guard._strikes) <= PIPES
+        assert set(node.links.pipes) <= node.links.live_pipes
 
 
 STATE_NAMES = (
