@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from django_warpmesh import protocol
+from django_warpmesh.node.interfaces import NodePart
 from django_warpmesh.node.peers import Peer
 from django_warpmesh.protocol import Frame, Kind
 
@@ -13,10 +14,9 @@ if TYPE_CHECKING:
     from django_warpmesh.node.core import MeshNode
 
 
-class Inquiries:
+class Inquiries(NodePart):
     def __init__(self, node: MeshNode) -> None:
-        self._node = node
-        self.counters, self.log, self.lock = node.counters, node.log, node.lock
+        super().__init__(node)
         self._stats_waiters: dict[int, Callable[[bytes, dict[str, Any]], None]] = {}
 
     def _on_stats_request(self, peer: Peer, request: protocol.StatsRequest) -> None:

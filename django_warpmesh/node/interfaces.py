@@ -49,3 +49,13 @@ class PeerRegistry(Protocol):
         """
 
     def leave(self, node: MeshNode) -> None: ...
+
+
+class NodePart:
+    """A part of a node (sending, receiving, membership, ...): the node, and what every part
+    reads of it, under short names."""
+
+    def __init__(self, node: MeshNode) -> None:
+        self._node = node
+        self.config, self.counters, self.clock = node.config, node.counters, node.clock
+        self.log, self.lock, self.table = node.log, node.lock, node.table

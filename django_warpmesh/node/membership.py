@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from django_warpmesh.node.interfaces import DiscoveryError
+from django_warpmesh.node.interfaces import DiscoveryError, NodePart
 from django_warpmesh.node.waiting import Wakeup
 
 if TYPE_CHECKING:
@@ -27,11 +27,9 @@ DISCOVERY_FAILURES_DEGRADED = 2
 DISCOVERY_MAX_BACKOFF = 60.0
 
 
-class Membership:
+class Membership(NodePart):
     def __init__(self, node: MeshNode) -> None:
-        self._node = node
-        self.config, self.counters, self.clock = node.config, node.counters, node.clock
-        self.log, self.lock, self.table = node.log, node.lock, node.table
+        super().__init__(node)
         self._maintain = Wakeup()
         self._expected: set[str] | None = None  # addresses we know of; None: not known yet
         self._ready_deadline = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from django_warpmesh.node.interfaces import NodePart
 from django_warpmesh.node.transports.base import Received
 
 if TYPE_CHECKING:
@@ -19,15 +20,9 @@ PIPE_STRIKES = 8
 DROPPED_PIPES_KEPT = 1024
 
 
-class PipeGuard:
+class PipeGuard(NodePart):
     def __init__(self, node: MeshNode) -> None:
-        self._node = node
-        self.counters, self.log, self.lock, self.table = (
-            node.counters,
-            node.log,
-            node.lock,
-            node.table,
-        )
+        super().__init__(node)
         # Frames rejected per connection (pipe id), and the connections hung up on for it.
         self._strikes: dict[int, int] = {}
         self._dropped: dict[int, None] = {}

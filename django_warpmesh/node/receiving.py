@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pynng
 
 from django_warpmesh import protocol
+from django_warpmesh.node.interfaces import NodePart
 from django_warpmesh.node.peers import LIVENESS_HEARTBEATS, Epoch, Peer, Seq
 from django_warpmesh.node.transports.base import Received, TransportClosed
 from django_warpmesh.node.waiting import Readable
@@ -52,11 +53,9 @@ RECENT_TAGS = 8192
 DUPLICATE_BIND_WINDOW = 1.0
 
 
-class Receiver:
+class Receiver(NodePart):
     def __init__(self, node: MeshNode) -> None:
-        self._node = node
-        self.config, self.counters, self.clock = node.config, node.counters, node.clock
-        self.log, self.lock, self.table = node.log, node.lock, node.table
+        super().__init__(node)
         # Held by whichever thread takes frames off the socket and applies them (a reading
         # thread draining before its read, or the receiver thread); `_draining` says so without
         # taking it, so a read that finds it held waits for frames already taken to be applied.

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from django_warpmesh import protocol
+from django_warpmesh.node.interfaces import NodePart
 from django_warpmesh.node.ops import coalesce, single_op
 from django_warpmesh.node.peers import HEARTBEAT_FANIN, heartbeat_period
 from django_warpmesh.node.transports.base import TransportError
@@ -35,16 +37,16 @@ FRAME_BODY_BUDGET = 256 * 1024
 # sent_ns, held_ns).
 HEARTBEAT_FIXED = 1 + 9 + 1 + 5 + 3 + 9
 ECHO_ENTRY_MAX = 1 + (2 + protocol.NODE_ID_SIZE) + 9 + 9
+# The share of a period a heartbeat may come early (never late: peers hold us to the promise).
+HEARTBEAT_JITTER = 0.2
 # How many times a writing thread sends what other threads queued while it was sending, before
 # it leaves the rest to the sender thread (a steady stream from other threads must not keep it).
 DELIVER_ROUNDS = 4
 
 
-class Sender:
+class Sender(NodePart):
     def __init__(self, node: MeshNode) -> None:
-        self._node = node
-        self.config, self.counters, self.clock = node.config, node.counters, node.clock
-        self.log, self.lock, self.table = node.log, node.lock, node.table
+        super().__init__(node)
         self._queue: list[tuple[str, OpCode, Any]] = []
         self._overflowed: set[str] = set()
         self._wake = Wakeup()
@@ -142,7 +144,9 @@ class Sender:
                     self._heartbeat_now.clear()
                     with self._send_lock:
                         period = self._send_heartbeat()
-                    next_heartbeat = now + period
+                    # Up to a fifth early, at random: nodes started together would otherwise
+                    # beat together forever, and a write landing on their burst waits behind it.
+                    next_heartbeat = now + period * random.uniform(1 - HEARTBEAT_JITTER, 1.0)
             if stopping:
                 return
 
