@@ -1,9 +1,9 @@
 """4. Scale: the mesh alone on fleets of 2 to 64 processes, one fleet of its own per size.
 
 Per fleet, in this order: how long from the spawn until every node has every other as a live
-peer (and how much of it was Python and Django starting); write rounds, timed on every receiver
-and until the last one, with the CPU they cost the whole fleet; memory; then the CPU of every
-process over a window in which nothing is written.
+peer (and how much of it was Python and Django starting); then blocks of writes, timed on every
+receiver and until the last one, with the CPU they cost the whole fleet, between the pieces of a
+window in which nothing is written (every process's CPU at rest); memory.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -38,14 +39,15 @@ once, as a fleet deployed together starts serving) and the mesh's connection; th
 as in section 2 (process 0 writes, each receiver stores the key locally first and notes when it
 went), timed on every receiver and until the key is gone on all N-1 of them; the CPU the rounds
 cost each process and the whole fleet; each process's RSS against a worker with `ENABLED` false
-that did the same; then the CPU of every process over a window in which nothing is written.
-Fleets of 32 and 64 get fewer writes, further apart, so that each write still travels alone: one
-write there costs the fleet milliseconds of CPU, on 2 cores.
+that did the same; and the CPU of every process over a window in which nothing is written, cut
+in pieces before, between and after the blocks of writes. Fleets of 32 and 64 get fewer writes,
+further apart, so that each write still travels alone: one write there costs the fleet
+milliseconds of CPU, on 2 cores.
 """
 
-# What a node's exit-free counters show when something was lost on the way: any of these moving
-# during the rounds means a frame or a peer went missing, even if every key went (a flush also
-# removes the keys).
+# The node's counters that move when something was lost on the way: any of them moving during
+# the writes means a frame or a peer went missing, even if every key went (a flush also removes
+# the keys).
 INCIDENTS = (
     "gaps_detected",
     "flushes",
@@ -57,7 +59,8 @@ INCIDENTS = (
 )
 START_TIMEOUT = 180.0  # spawn → every process said hello (64 took ~30 s here)
 CONNECT_TIMEOUT = 180.0  # every node started → every node has every peer
-SETTLE_S = 1.0  # after the rounds: the last frames and acknowledgements pass before the idle window
+HEARTBEAT_S = 1.0  # the nodes' heartbeat period when they do not report it: HEARTBEAT's default
+SETTLE_S = 0.5  # after writes: the last frames and acknowledgements pass before an idle piece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +76,13 @@ class Plan:
     sizes: tuple[Size, ...]
     idle_periods: float  # the idle window covers at least this many heartbeat periods
     warmup_writes: int
+    blocks: int = 4  # the writes in this many blocks, each between two pieces of the idle window
 
 
 # Up to 16 the writes are as close as in section 2 (2-4 ms; a write costs the fleet ~3 ms of CPU
-# at 16). At 32 and 64 a write costs the fleet ~6 and ~13 ms of CPU while the idle fleet already
-# keeps up to a core busy: 15-25 and 40-60 ms apart keeps the fleet mostly idle between writes.
+# at 16). At 32 and 64 a write costs the fleet ~8 and ~15 ms of CPU, on a host the idle fleet
+# already keeps up to a core busy: 15-25 and 40-60 ms apart, the last receiver has it before the
+# next write, most of the time.
 FULL = Plan(
     sizes=(
         Size(2, 400, GAP_S, 5.0),
@@ -111,13 +116,14 @@ class Row:
     connected_s: list[float]  # from the fleet's first spawn to each node having every peer
     writes: int = 0
     gap_s: tuple[float, float] = (0.0, 0.0)
+    blocks: int = 0
     samples: list[float] = dataclasses.field(default_factory=list)  # µs, (write, receiver)
     all_gone: list[float] = dataclasses.field(default_factory=list)  # µs, per write: the last
     lost: int = 0  # (write, receiver) pairs whose key never went
     incidents: dict[str, int] = dataclasses.field(default_factory=dict)
     cpu_s: list[float] = dataclasses.field(default_factory=list)  # beyond idle, writer first
     fleet_cpu_s: float = math.nan  # beyond idle, the whole fleet
-    fleet_cpu_error_s: float = math.nan  # how far off that may be: the idle rate's drift
+    fleet_cpu_error_us: float = math.nan  # standard error of the per-write figure over blocks
     rss: float = math.nan  # median over the fleet
     idle_pct: list[float] = dataclasses.field(default_factory=list)  # % of one core, each
     idle_s: float = math.nan
@@ -133,10 +139,6 @@ class Row:
     @property
     def fleet_cpu_us(self) -> float:
         return self.fleet_cpu_s / self.writes * 1e6 if self.writes else math.nan
-
-    @property
-    def fleet_cpu_error_us(self) -> float:
-        return self.fleet_cpu_error_s / self.writes * 1e6 if self.writes else math.nan
 
     @property
     def startup(self) -> float:
@@ -185,6 +187,26 @@ def _idle(workers: Sequence[Worker], seconds: float) -> list[tuple[float, float]
     ]
 
 
+def _rates(*pieces: list[tuple[float, float]]) -> list[float]:
+    """Each process's idle CPU-seconds per second over ``pieces`` of the idle window."""
+    return [
+        sum(cpu for cpu, _ in spans) / sum(seconds for _, seconds in spans)
+        for spans in zip(*pieces, strict=True)
+    ]
+
+
+def _pieces(size: Size, plan: Plan, period: float) -> tuple[int, float]:
+    """How many blocks of writes, and how long each piece of the idle window around them.
+
+    Each piece lasts whole heartbeat periods: nodes started together beat together, so the
+    fleet's idle CPU comes in one burst per period, and a shorter window would catch it or
+    not (0.1 % or 0.9 % per process, at 16 processes). Fewer blocks when the period is long.
+    """
+    total = max(size.idle_s, plan.idle_periods * period)
+    blocks = max(1, min(plan.blocks, round(total / period) - 1))
+    return blocks, period * max(1, round(total / (blocks + 1) / period))
+
+
 def _heartbeat_period(workers: Sequence[Worker]) -> float | None:
     """The longest heartbeat period the nodes report, if they report one."""
     periods = [s["heartbeat_period"] for s in call_all(workers, "worker:mesh_status")]
@@ -192,73 +214,85 @@ def _heartbeat_period(workers: Sequence[Worker]) -> float | None:
     return max(known) if known else None
 
 
+def _connected(workers: Sequence[Worker]) -> Row:
+    """A fleet's row, with when each process said hello and had every peer."""
+    spawned = min(worker.spawned_ns for worker in workers)
+    row = Row(
+        len(workers),
+        startup_s=[(worker.hello_ns - spawned) / 1e9 for worker in workers],
+        connected_s=[(worker.connected_ns - spawned) / 1e9 for worker in workers],
+    )
+    print(
+        f"    {row.size} processes: connected {row.connected:.1f} s after the spawn "
+        f"(the last hello after {row.startup:.1f} s)",
+        flush=True,
+    )
+    return row
+
+
+def _latencies(
+    row: Row, keys: list[str], sent: list[int], gone: list[dict[str, int | None]]
+) -> None:
+    """Add one block's writes to ``row``: per receiver, and until the last receiver."""
+    row.writes += len(keys)
+    for key, started in zip(keys, sent, strict=True):
+        spans = []
+        for went in (receiver[key] for receiver in gone):
+            if went is None:
+                row.lost += 1
+            else:
+                spans.append((went - started) / 1000)
+        row.samples += spans
+        if len(spans) == len(gone):  # gone everywhere: when the last receiver had it
+            row.all_gone.append(max(spans))
+
+
 def _measure(size: Size, plan: Plan) -> Row:
     with mesh_fleet(
         size.processes, connect_timeout=CONNECT_TIMEOUT, start_timeout=START_TIMEOUT
     ) as workers:
-        spawned = min(worker.spawned_ns for worker in workers)
-        row = Row(
-            size.processes,
-            startup_s=[(worker.hello_ns - spawned) / 1e9 for worker in workers],
-            connected_s=[(worker.connected_ns - spawned) / 1e9 for worker in workers],
-        )
-        print(
-            f"    {size.processes} processes: connected {row.connected:.1f} s after the spawn "
-            f"(the last hello after {row.startup:.1f} s)",
-            flush=True,
-        )
+        row = _connected(workers)
+        row.gap_s = size.gap_s
         call_all(workers, "transports:open_transport", system="mesh")
         _write(workers, [f"warm-{i}" for i in range(plan.warmup_writes)], size.gap_s)
         time.sleep(SETTLE_S)
         row.heartbeat_s = _heartbeat_period(workers)
-        row.idle_s = max(size.idle_s, plan.idle_periods * (row.heartbeat_s or 0.0))
-        # The idle window in two halves, one on each side of the writes: at 64 processes the
-        # idle fleet burns over a core, a write a few ms of CPU, and the fleet's idle rate
-        # drifts by a few % in the first minute after connecting; bracketed, a drift cancels.
-        rest = [_idle(workers, row.idle_s / 2)]
-
-        keys = [f"scale-{i}" for i in range(size.writes)]
+        # The writes in blocks between pieces of the idle window: at 64 processes the idle
+        # fleet burns a core, a write a few ms of CPU, and the idle rate wanders by several %
+        # from one few-second window to the next. Each block is measured against the idle
+        # pieces on either side of it, and the blocks' spread says how far the result may be off.
+        blocks, piece = _pieces(size, plan, row.heartbeat_s or HEARTBEAT_S)
+        row.idle_s, row.blocks = piece * (blocks + 1), blocks
+        rests = [_idle(workers, piece)]
         counted = _counters(workers)
-        sent, gone, before, after = _write(workers, keys, size.gap_s)
+        per_write: list[float] = []  # the fleet's CPU per write beyond idle, block by block
+        row.cpu_s = [0.0] * len(workers)
+        for block in range(blocks):
+            keys = [f"scale-{block}-{i}" for i in range(size.writes // blocks)]
+            sent, gone, before, after = _write(workers, keys, size.gap_s)
+            _latencies(row, keys, sent, gone)
+            row.rss = median([reading["rss"] for reading in after])
+            time.sleep(SETTLE_S)
+            rests.append(_idle(workers, piece))
+            idle = _rates(rests[-2], rests[-1])
+            # Beyond idle: what each process spent over the block less what it burns at rest
+            # over as long. The fleet's total is summed before any rounding to zero.
+            beyond = [
+                (a["cpu_s"] - b["cpu_s"]) - rate * (a["at_s"] - b["at_s"])
+                for b, a, rate in zip(before, after, idle, strict=True)
+            ]
+            row.cpu_s = [total + spent for total, spent in zip(row.cpu_s, beyond, strict=True)]
+            per_write.append(sum(beyond) / len(keys) * 1e6)
         counts = _counters(workers)
         row.incidents = {
             name: sum(b.get(name, 0) - a.get(name, 0) for a, b in zip(counted, counts, strict=True))
             for name in INCIDENTS
         }
-        row.writes, row.gap_s = len(keys), size.gap_s
-        for key, started in zip(keys, sent, strict=True):
-            spans = []
-            for went in (receiver[key] for receiver in gone):
-                if went is None:
-                    row.lost += 1
-                else:
-                    spans.append((went - started) / 1000)
-            row.samples += spans
-            if len(spans) == len(gone):  # gone everywhere: when the last receiver had it
-                row.all_gone.append(max(spans))
-        row.rss = median([reading["rss"] for reading in after])
-
-        time.sleep(SETTLE_S)
-        rest.append(_idle(workers, row.idle_s / 2))
-        idle = [
-            (cpu_a + cpu_b) / (seconds_a + seconds_b)
-            for (cpu_a, seconds_a), (cpu_b, seconds_b) in zip(*rest, strict=True)
-        ]
-        row.idle_pct = [rate * 100 for rate in idle]
-        # Beyond idle: what each process spent over the rounds less what it burns at rest over
-        # as long. The fleet's total is summed before any rounding to zero, so noise cancels.
-        beyond = [
-            (a["cpu_s"] - b["cpu_s"]) - rate * (a["at_s"] - b["at_s"])
-            for b, a, rate in zip(before, after, idle, strict=True)
-        ]
-        row.cpu_s = [max(0.0, spent) for spent in beyond]
-        row.fleet_cpu_s = max(0.0, sum(beyond))
-        # The idle fleet's rates before and after the writes differ by drift and noise: half
-        # that difference over the writes' duration is roughly how far subtracting their mean
-        # may be off.
-        cores_before, cores_after = (sum(cpu / span for cpu, span in half) for half in rest)
-        busy_s = median([a["at_s"] - b["at_s"] for b, a in zip(before, after, strict=True)])
-        row.fleet_cpu_error_s = abs(cores_before - cores_after) / 2 * busy_s
+        row.cpu_s = [max(0.0, spent) for spent in row.cpu_s]
+        row.fleet_cpu_s = max(0.0, sum(per_write) / len(per_write) * row.writes / 1e6)
+        if len(per_write) > 1:
+            row.fleet_cpu_error_us = statistics.stdev(per_write) / math.sqrt(len(per_write))
+        row.idle_pct = [rate * 100 for rate in _rates(*rests)]
         return row
 
 
@@ -298,6 +332,12 @@ def _apart(gap_s: tuple[float, float]) -> str:
     return f"{gap_s[0] * 1000:g}-{gap_s[1] * 1000:g} ms"
 
 
+def _fleet_cpu(row: Row) -> str:
+    """The fleet's CPU per write, ± its standard error over the blocks (one block: none)."""
+    error = row.fleet_cpu_error_us
+    return fmt_us(row.fleet_cpu_us) + ("" if math.isnan(error) else f" ± {fmt_us(error)}")
+
+
 def _lost(row: Row) -> str:
     """Keys never gone, and what the counters say went missing on the way."""
     moved = [f"{name.replace('_', ' ')} {count}" for name, count in row.incidents.items() if count]
@@ -309,7 +349,7 @@ def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int
         "Writes, by fleet size: write → key gone on a receiver, and on all N-1 of them",
         [
             "processes",
-            "writes (apart)",
+            "writes (blocks x writes, apart)",
             "on a receiver: p50",
             "p99",
             "gone on all N-1: p50",
@@ -325,7 +365,7 @@ def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int
         each, last = Distribution.of(row.samples), Distribution.of(row.all_gone)
         writes.add(
             row.size,
-            f"{row.writes} ({_apart(row.gap_s)})",
+            f"{row.blocks} x {row.writes // max(1, row.blocks)}, {_apart(row.gap_s)}",
             fmt_us(each.p50),
             fmt_us(each.p99),
             fmt_us(last.p50),
@@ -334,7 +374,7 @@ def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int
             _lost(row),
             fmt_us(row.cpu_us(receivers=False)),
             fmt_us(row.cpu_us(receivers=True)),
-            f"{fmt_us(row.fleet_cpu_us)} ± {fmt_us(row.fleet_cpu_error_us)}",
+            _fleet_cpu(row),
         )
         section.samples[f"django-warpmesh alone, on a receiver|{row.size} processes"] = row.samples
         section.samples[f"django-warpmesh alone, gone on all N-1|{row.size} processes"] = (
@@ -343,17 +383,19 @@ def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int
     writes.notes.append(
         "Gone on all N-1: per write, the moment the last receiver had it gone (a write some "
         "receiver never saw counts in never gone, not here). Never gone: (write, receiver) pairs "
-        f"whose key was still there {WAIT_S:g} s after the last write; in brackets, any gap, "
-        "flush, lost peer, overflow or rejected frame the nodes counted during the writes. CPU: "
-        "each process's CPU time, all threads, read by the process itself "
-        "(CLOCK_PROCESS_CPUTIME_ID), from just before the first write to just after its last "
-        "key went, less what the same process burns idle (next table) over as long, per write. "
-        "Fleet: the sum over every process of the fleet, writer included: what one write costs "
-        "the host. It still includes one control call per process (the wait for the keys). ±: "
-        "half the difference between the idle fleet's CPU rate just before and just after the "
-        "writes, over the writes' duration, per write: in a big fleet a write's cost is a small "
-        "difference of large numbers (at 64 processes the idle fleet alone may burn a core), "
-        "and this says how far the subtraction may be off."
+        f"whose key was still there {WAIT_S:g} s after the block's last write; in brackets, any "
+        "gap, flush, lost peer, overflow or rejected frame the nodes counted from the first "
+        f"write to the last. The writes go in blocks (up to {FULL.blocks}, fewer when the "
+        "heartbeat period is long), each between two pieces of the idle window (next table). "
+        "CPU: each process's CPU time, all threads, read by the "
+        "process itself (CLOCK_PROCESS_CPUTIME_ID), from just before a block's first write to "
+        "just after its last key went, less what the same process burned idle in the pieces "
+        "on either side over as long, per write. Fleet: the sum over every process of the "
+        "fleet, writer included: what one write costs the host. It still includes one control "
+        "call per process and block (the wait for the keys). ±: the standard error over the "
+        "blocks: in a big fleet a write's cost is a small difference of large numbers (at 64 "
+        "processes the idle fleet alone may burn a core, and its rate wanders by several % "
+        "from one few-second window to the next)."
     )
     section.tables.append(writes)
 
@@ -393,8 +435,9 @@ def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int
         f"the same ({fmt_mb(baseline_rss)}). Idle: nothing written, each process's CPU time over "
         "its own clock, over a window of at least "
         f"{FULL.idle_periods:g} heartbeat periods ({QUICK.idle_periods:g} with `--quick`; the "
-        "period the nodes report, when they report one, else HEARTBEAT, 1 s by default), half "
-        "of it just before the writes and half just after, so that a drift cancels."
+        "period the nodes report, when they report one, else HEARTBEAT, 1 s by default), in "
+        "pieces of whole periods before, between and after the blocks of writes: nodes started "
+        "together beat together, so a fleet's idle CPU comes in one burst per period."
     )
     section.tables.append(rest)
     _targets(section, rows, baseline_rss, largest)
@@ -433,11 +476,7 @@ def _targets(section: Section, rows: list[Row], baseline_rss: float, largest: in
             f"the fleet's CPU per write ({rows[0].size}-{rows[-1].size} processes)"
             if rows
             else "the fleet's CPU per write",
-            ", ".join(
-                f"{row.size}: {fmt_us(row.fleet_cpu_us)} ± {fmt_us(row.fleet_cpu_error_us)}"
-                for row in rows
-            )
-            or "no fleet ran",
+            ", ".join(f"{row.size}: {_fleet_cpu(row)}" for row in rows) or "no fleet ran",
             None,
             no_threshold=True,
         )
@@ -478,7 +517,8 @@ def _targets(section: Section, rows: list[Row], baseline_rss: float, largest: in
             f"the CPU of {others} receivers on 2 cores: a write costs the fleet "
             f"{fmt_us(row.fleet_cpu_us)} of CPU (each receiver verifies, decodes and applies in "
             f"Python), so the last receiver waits for the others' turns, on a host the idle "
-            f"fleet already keeps {idle_cores:.2f} cores busy",
+            f"fleet already keeps {idle_cores:.2f} cores busy, its heartbeats in one burst per "
+            "period (nodes started together beat together) that a write may land behind",
         )
     )
     section.targets.append(
@@ -497,7 +537,7 @@ def _targets(section: Section, rows: list[Row], baseline_rss: float, largest: in
         Target(
             f"{largest} processes: nothing lost",
             f"{row.lost} of {row.writes * others} (write, receiver) pairs never gone, "
-            f"{incidents} gaps, flushes or lost peers",
+            f"{incidents} gaps, flushes, lost peers or rejected frames",
             row.lost == 0 and incidents == 0,
             "see the never gone column",
         )
