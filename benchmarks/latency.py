@@ -1,7 +1,7 @@
-"""2. End-to-end invalidation latency, and 4. scale: one fleet of N processes per size.
+"""2. End-to-end invalidation latency: one fleet of N processes per size, N up to 8.
 
-Per fleet, in this order: the scale measurements (mesh only: latency with the CPU it costs, memory,
-CPU at rest), then, for N up to 8, the mesh side by side with raw nng, Redis Pub/Sub and NATS.
+Per fleet: the mesh side by side with raw nng, Redis Pub/Sub and NATS, with the CPU each costs.
+Section 4 (:mod:`benchmarks.scale`) has fleets of its own, up to 64 processes, the mesh alone.
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from benchmarks.common import (
     Section,
     Table,
     Target,
-    fmt_mb,
-    fmt_pct,
     fmt_ratio,
     fmt_us,
     median,
     percentile,
     ratio,
 )
-from benchmarks.procs import Worker, mesh_fleet, spawn
+from benchmarks.procs import Worker, mesh_fleet
 from tests.cluster import free_ports
 
 T = TypeVar("T")
@@ -63,14 +61,6 @@ The last table follows the mesh's messages stage by stage (write, sender, nng, c
 `python -m benchmarks.latency_stages` runs it alone.
 """
 
-SCALE_INTRO = """
-The mesh alone on fleets of 2 to 16 processes (on 2 cores): latency as above; the CPU each
-process spent during those rounds, per invalidation; each process's RSS against a worker with
-`ENABLED` false that did the same (same imports, same cache use); then the CPU of every process
-of the fleet over a window in which nothing is written.
-"""
-
-
 # What a message costs on the mesh's path beyond the socket, named in the limits of the targets.
 MESH_WORK = (
     "the mesh's Python work per message (building the op, msgpack and HMAC-SHA256 on both ends, "
@@ -81,33 +71,14 @@ MESH_WORK = (
 @dataclasses.dataclass
 class Plan:
     sizes: tuple[int, ...]
-    compare_up_to: int
-    scale_rounds: int
     compare_blocks: int
     block_rounds: int
-    idle_s: float
     warmup_rounds: int = 20
     stage_rounds: int = 300
 
 
-FULL = Plan(
-    sizes=(2, 4, 8, 16),
-    compare_up_to=8,
-    scale_rounds=400,
-    compare_blocks=5,
-    block_rounds=100,
-    idle_s=5.0,
-)
-QUICK = Plan(
-    sizes=(2, 4, 8, 16),
-    compare_up_to=8,
-    scale_rounds=100,
-    compare_blocks=2,
-    block_rounds=40,
-    idle_s=1.5,
-    warmup_rounds=10,
-    stage_rounds=100,
-)
+FULL = Plan(sizes=(2, 4, 8), compare_blocks=5, block_rounds=100)
+QUICK = Plan(sizes=(2, 4, 8), compare_blocks=2, block_rounds=40, warmup_rounds=10, stage_rounds=100)
 
 
 @dataclasses.dataclass
@@ -132,14 +103,6 @@ class Rounds:
             return math.nan
         spent = median(self.cpu_s[1:]) if receivers else self.cpu_s[0]
         return spent / self.rounds * 1e6
-
-
-@dataclasses.dataclass
-class ScaleRow:
-    size: int
-    latency: Rounds  # mesh only, with its CPU
-    rss: float  # median RSS of the fleet's processes
-    idle_pct: list[float]  # each process's CPU over the idle window, % of one core
 
 
 def _system_config(system: str, index: int, addresses: Sequence[str], tag: str) -> dict[str, Any]:
@@ -223,20 +186,9 @@ def _beyond_idle(
     return [max(0.0, cpu - rest / idle_s * spent_s) for cpu, rest in zip(spent, idle, strict=True)]
 
 
-def _scale(workers: Sequence[Worker], plan: Plan) -> ScaleRow:
-    """Mesh latency with the CPU it costs, then memory, then CPU at rest."""
-    open_system("mesh", workers, plan.warmup_rounds)
-    keys = [f"scale-{i}" for i in range(plan.scale_rounds)]
-    latency, busy, busy_s = _cpu_between(workers, functools.partial(_rounds, "mesh", workers, keys))
-    rss = median([worker.call("worker:resources")["rss"] for worker in workers])
-    time.sleep(1.0)  # let the last frames and heartbeats pass before the idle window
-    _, idle, idle_s = _cpu_between(workers, functools.partial(time.sleep, plan.idle_s))
-    latency.cpu_s = _beyond_idle(busy, busy_s, idle, idle_s)
-    return ScaleRow(len(workers), latency, rss, [rest / idle_s * 100 for rest in idle])
-
-
 def _compare(workers: Sequence[Worker], plan: Plan, errors: list[str]) -> dict[str, Rounds]:
     """The four systems side by side, in interleaved blocks of rounds, with their CPU."""
+    open_system("mesh", workers, plan.warmup_rounds)
     systems = ["mesh"]
     for system in SYSTEMS[1:]:
         try:
@@ -262,34 +214,16 @@ def _compare(workers: Sequence[Worker], plan: Plan, errors: list[str]) -> dict[s
             _close(system, workers)
 
 
-def control_rss(plan: Plan) -> float:
-    """RSS of a worker with the mesh off that did what a fleet worker did, minus the mesh."""
-    (control,) = spawn([("mesh-off", {"ENABLED": False}, None)])
-    try:
-        control.call("transports:open_transport", system="mesh")
-        control.call(
-            "transports:arm", system="mesh", keys=[f"k{i}" for i in range(plan.scale_rounds)]
-        )
-        return float(control.call("worker:resources")["rss"])
-    finally:
-        control.close()
-
-
-def run(quick: bool) -> tuple[Section, Section]:
+def run(quick: bool) -> Section:
     plan = QUICK if quick else FULL
     latency = Section(2, "End-to-end invalidation latency", intro=LATENCY_INTRO)
-    scale = Section(4, "Scale: 2 to 16 processes", intro=SCALE_INTRO)
     errors: list[str] = []
-    baseline_rss = control_rss(plan)
-    scale_rows: list[ScaleRow] = []
     compared: dict[int, dict[str, Rounds]] = {}
     for size in plan.sizes:
         print(f"  fleet of {size} processes")
         try:
             with mesh_fleet(size) as workers:
-                scale_rows.append(_scale(workers, plan))
-                if size <= plan.compare_up_to:
-                    compared[size] = _compare(workers, plan, errors)
+                compared[size] = _compare(workers, plan, errors)
         except Exception as exc:
             errors.append(f"fleet of {size}: {type(exc).__name__}: {exc}")
     stages: list[tuple[str, list[float]]] = []
@@ -300,9 +234,8 @@ def run(quick: bool) -> tuple[Section, Section]:
         errors.append(f"stage by stage: {type(exc).__name__}: {exc}")
     _report_latency(latency, compared)
     _report_stages(latency, stages)
-    _report_scale(scale, scale_rows, baseline_rss)
     latency.notes += errors
-    return latency, scale
+    return latency
 
 
 def _report_latency(section: Section, compared: dict[int, dict[str, Rounds]]) -> None:
@@ -453,73 +386,4 @@ def _report_stages(section: Section, stages: list[tuple[str, list[float]]]) -> N
         "stage runs with cold CPU caches, several times slower than in a loop (the host "
         "calibration); sending from the writing thread, as raw nng does, would put that work "
         "on the request path"
-    )
-
-
-def _report_scale(section: Section, rows: list[ScaleRow], baseline_rss: float) -> None:
-    table = Table(
-        "The mesh alone, by fleet size",
-        [
-            "processes",
-            "latency p50",
-            "p99",
-            "max",
-            "writer CPU / invalidation",
-            "receiver CPU / invalidation (median)",
-            "RSS (median)",
-            "RSS the mesh adds",
-            "idle CPU per process (median / max)",
-        ],
-    )
-    for row in rows:
-        dist = Distribution.of(row.latency.samples)
-        table.add(
-            row.size,
-            fmt_us(dist.p50),
-            fmt_us(dist.p99),
-            fmt_us(dist.max),
-            fmt_us(row.latency.cpu_us(receivers=False)),
-            fmt_us(row.latency.cpu_us(receivers=True)),
-            fmt_mb(row.rss),
-            fmt_mb(row.rss - baseline_rss),
-            f"{fmt_pct(median(row.idle_pct))} / {fmt_pct(max(row.idle_pct))}",
-        )
-        section.samples[f"django-warpmesh alone, 2 to 16 processes|{row.size} processes"] = (
-            row.latency.samples
-        )
-    table.notes.append(
-        "CPU: each process's CPU time, all threads, read by the process itself "
-        "(CLOCK_PROCESS_CPUTIME_ID: utime+stime of /proc/self/stat, in ns rather than ticks). Per "
-        "invalidation: the CPU spent during the latency rounds minus what the same process "
-        "burns idle over as long, divided by the rounds (it still includes the benchmark's "
-        "two control calls per process). RSS the mesh adds: median RSS of the fleet minus a "
-        f"process with ENABLED false that did the same ({fmt_mb(baseline_rss)}). Idle: "
-        "nothing written, heartbeats every second (the default)."
-    )
-    section.tables.append(table)
-    if not rows:
-        section.targets += [
-            Target("memory the mesh adds under 10 MB per process", "no fleet ran", None),
-            Target("idle CPU under 1% of a core", "no fleet ran", None),
-        ]
-        return
-    worst_rss = max(row.rss - baseline_rss for row in rows)
-    worst_idle = max(max(row.idle_pct) for row in rows)
-    sizes = f"{rows[0].size}-{rows[-1].size} processes"
-    section.targets.append(
-        Target(
-            f"memory the mesh adds under 10 MB per process ({sizes})",
-            f"at most {fmt_mb(worst_rss)}",
-            worst_rss < 10 * 2**20,
-            "nng's own threads and buffers, sized by BUFFER_SIZE",
-        )
-    )
-    section.targets.append(
-        Target(
-            f"idle CPU under 1% of a core ({sizes})",
-            f"at most {fmt_pct(worst_idle)}",
-            worst_idle < 1.0,
-            "what an idle node does: its receiver thread's tick (4 a second) and a heartbeat "
-            "per peer per second, each verified and answered in Python: it grows with the fleet",
-        )
     )

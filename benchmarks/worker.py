@@ -14,8 +14,13 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Any
+
+# Where a node's snapshot may say how often it sends heartbeats (seconds): the period may grow
+# with the mesh. Absent: the node does not say (HEARTBEAT, 1 s by default, is then its period).
+HEARTBEAT_FIELDS = ("heartbeat_period", "heartbeat_s", "heartbeat_interval")
 
 
 def start_node() -> dict[str, Any]:
@@ -30,20 +35,43 @@ def mesh_status() -> dict[str, Any]:
     import django_warpmesh
 
     stats = django_warpmesh.mesh_stats()
+    periods = (stats.get(name) for name in HEARTBEAT_FIELDS)
     return {
         "enabled": stats["enabled"],
         "ready": stats["ready"],
         "connected": sum(1 for peer in stats["peers"] if peer["connected"]),
+        "heartbeat_period": next((p for p in periods if isinstance(p, int | float)), None),
         "counters": {
             name: value for name, value in stats.items() if isinstance(value, int) and name != "pid"
         },
     }
 
 
+def wait_connected(peers: int, timeout_s: float, interval: float = 0.1) -> int:
+    """When (``time.monotonic_ns()``) this node first had ``peers`` live peers and was ready.
+
+    Polled here, every ``interval``: a fleet's nodes watch themselves at the same time, and the
+    polling costs a node a snapshot ten times a second, not a round trip through a pipe.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = mesh_status()
+        now = time.monotonic_ns()
+        if status["ready"] and status["connected"] >= peers:
+            return now
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{status['connected']} of {peers} peers connected after {timeout_s:.0f} s"
+                + ("" if status["ready"] else ", not ready")
+            )
+        time.sleep(interval)
+
+
 def resources() -> dict[str, float]:
+    """This process's CPU-seconds and RSS, and when (``time.monotonic()``) they were read."""
     from benchmarks.common import cpu_seconds, rss_bytes
 
-    return {"cpu_s": cpu_seconds(), "rss": float(rss_bytes())}
+    return {"cpu_s": cpu_seconds(), "rss": float(rss_bytes()), "at_s": time.monotonic()}
 
 
 def main() -> None:
@@ -57,7 +85,8 @@ def main() -> None:
     for alias in ("mesh", "bulk"):
         caches[alias].get("warm-up")
 
-    print(json.dumps({"ok": "hello", "pid": os.getpid()}), flush=True)
+    # Stamped on CLOCK_MONOTONIC, as the parent stamps the spawn: the start-up's length.
+    print(json.dumps({"ok": "hello", "pid": os.getpid(), "at_ns": time.monotonic_ns()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         call = request["call"]
