@@ -21,7 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 from django.utils.module_loading import import_string
 
-from django_warpmesh.conf import MeshSettings, parse, running_migration_command
+from django_warpmesh.conf import MeshSettings, get_settings, running_migration_command
 from django_warpmesh.node.transports import TransportError
 
 MESH_CACHE = "django_warpmesh.cache.MeshCache"
@@ -30,10 +30,9 @@ APP = "django_warpmesh"
 
 @register("warpmesh")
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    from django.conf import settings
 
     try:
-        config = parse(getattr(settings, "WARPMESH", None))
+        config = get_settings()
     except ImproperlyConfigured as exc:
         return [Error(str(exc), id="warpmesh.E001", hint="See docs/configuration.md.")]
     # `migrate` (and `check --database`) pass the databases they are about to touch: there the
@@ -127,10 +126,9 @@ def _unapplied_migrations(alias: str) -> list[str]:
 @register("warpmesh")
 def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """How this instance will join the mesh: peers, secret, ports. Silent when disabled."""
-    from django.conf import settings
 
     try:
-        config = parse(getattr(settings, "WARPMESH", None))
+        config = get_settings()
     except ImproperlyConfigured:
         return []  # warpmesh.E001 says why.
     installed = apps.is_installed(APP)
@@ -466,7 +464,7 @@ def _text(value: object) -> str:
 def check_dashboard(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     from django.conf import settings
 
-    from django_warpmesh.views import PERMISSION_SETTING, resolve_permission
+    from django_warpmesh.conf import PERMISSION_SETTING, resolve_permission
 
     try:
         resolve_permission(getattr(settings, PERMISSION_SETTING, None))

@@ -13,87 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured, PermissionDenied
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
-from django.utils.module_loading import import_string
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 import django_warpmesh
+from django_warpmesh.conf import dashboard_permission, resolve_permission
 
-PERMISSION_SETTING = "WARPMESH_DASHBOARD_PERMISSION"
-DEFAULT_PERMISSION = "staff"
 # Seconds between two refreshes of the dashboard; ``?refresh=N`` picks another (1-3600).
 DEFAULT_REFRESH = 2
-
-Permission = Callable[[HttpRequest], bool]
 
 
 def _user(request: HttpRequest) -> Any:
     return getattr(request, "user", None)
 
 
-def _is_staff(request: HttpRequest) -> bool:
-    user = _user(request)
-    return bool(user is not None and user.is_active and user.is_staff)
-
-
-def _is_superuser(request: HttpRequest) -> bool:
-    user = _user(request)
-    return bool(user is not None and user.is_active and user.is_superuser)
-
-
-def _is_authenticated(request: HttpRequest) -> bool:
-    user = _user(request)
-    return bool(user is not None and user.is_authenticated)
-
-
-def _public(request: HttpRequest) -> bool:
-    return True
-
-
-KEYWORDS: dict[str, Permission] = {
-    "staff": _is_staff,
-    "superuser": _is_superuser,
-    "authenticated": _is_authenticated,
-    "public": _public,
-}
-
-
-def resolve_permission(value: object) -> Permission:
-    """A keyword (staff, superuser, authenticated, public), a callable, or its dotted path."""
-    if value is None:
-        return KEYWORDS[DEFAULT_PERMISSION]
-    if isinstance(value, str):
-        if value in KEYWORDS:
-            return KEYWORDS[value]
-        if "." in value:
-            try:
-                value = import_string(value)
-            except ImportError as exc:
-                raise ImproperlyConfigured(
-                    f"{PERMISSION_SETTING}: cannot import {value!r} ({exc})."
-                ) from exc
-        else:
-            raise ImproperlyConfigured(
-                f"{PERMISSION_SETTING}: {value!r} is not one of {', '.join(KEYWORDS)}, nor the "
-                "dotted path of a function taking the request."
-            )
-    if not callable(value):
-        raise ImproperlyConfigured(
-            f"{PERMISSION_SETTING} must be one of {', '.join(KEYWORDS)}, a function taking the "
-            f"request and returning a bool, or its dotted path; got {value!r}."
-        )
-    check: Permission = value
-    return check
-
-
 def _allowed(request: HttpRequest, permission: object) -> bool:
-    if permission is None:
-        permission = getattr(settings, PERMISSION_SETTING, None)
-    return bool(resolve_permission(permission)(request))
+    check = dashboard_permission() if permission is None else resolve_permission(permission)
+    return bool(check(request))
 
 
 def _guarded(*, page: bool) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
