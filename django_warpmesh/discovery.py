@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections, router, transaction
@@ -72,6 +72,43 @@ def database_alias(config: MeshSettings) -> str:
     from django_warpmesh.models import Peer
 
     return config.database or router.db_for_write(Peer) or "default"
+
+
+def peer_rows(alias: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The peer table's rows as a node reads them: newest first, none from the future (beyond
+    ``FUTURE_TOLERANCE``), at most ``limit`` (default ``MAX_PEER_ROWS``).
+
+    Each row: ``node_id``, ``address``, ``host``, ``pid``, ``started_at``, ``last_seen`` and
+    ``db_now``, the database's clock at the read. Raises :class:`DatabaseError`; the caller
+    closes the connection.
+    """
+    from django_warpmesh.models import Peer
+
+    fields = ("node_id", "address", "host", "pid", "started_at", "last_seen")
+    return list(
+        Peer.objects.using(alias)
+        .filter(last_seen__lte=Now() + timedelta(seconds=FUTURE_TOLERANCE))
+        .annotate(db_now=Now())
+        .order_by("-last_seen")
+        .values(*fields, "db_now")[: MAX_PEER_ROWS if limit is None else limit]
+    )
+
+
+def peer_table_missing(alias: str) -> bool:
+    """Whether the peer table does not exist on ``alias`` (False when that cannot be told).
+
+    Closes the connection, before (it may be in a failed transaction) and after.
+    """
+    from django_warpmesh.models import Peer
+
+    connection = connections[alias]
+    connection.close()
+    try:
+        return Peer._meta.db_table not in connection.introspection.table_names()
+    except DatabaseError:
+        return False
+    finally:
+        connection.close()
 
 
 class DatabaseRegistry:
@@ -162,14 +199,9 @@ class DatabaseRegistry:
         future.delete()
 
     def _read(self, node: MeshNode) -> list[str]:
-        from django_warpmesh.models import Peer
-
-        rows = list(
-            Peer.objects.using(self.alias)
-            .filter(last_seen__lte=Now() + timedelta(seconds=FUTURE_TOLERANCE))
-            .order_by("-last_seen")
-            .values_list("node_id", "address")[: MAX_PEER_ROWS + 1]
-        )
+        rows = [
+            (row["node_id"], row["address"]) for row in peer_rows(self.alias, MAX_PEER_ROWS + 1)
+        ]
         if len(rows) > MAX_PEER_ROWS:
             rows = rows[:MAX_PEER_ROWS]
             self._warn_once(
@@ -222,16 +254,8 @@ class DatabaseRegistry:
     def _failure(self, exc: DatabaseError) -> DiscoveryError:
         from django_warpmesh.models import Peer
 
-        connection = connections[self.alias]
-        connection.close()
         table = Peer._meta.db_table
-        try:
-            missing = table not in connection.introspection.table_names()
-        except DatabaseError:
-            missing = False
-        finally:
-            connection.close()
-        if missing:
+        if peer_table_missing(self.alias):
             # No node can have registered in a table that does not exist: nobody to wait for.
             return DiscoveryError(
                 f"the peer table {table} does not exist on database {self.alias!r}: run "

@@ -549,12 +549,7 @@ def test_through_postgresql_listen_notify() -> None:
 
 def test_a_node_whose_broker_link_is_down_is_a_problem() -> None:
     """The report alone (a node that answered, then lost its link, or reached us otherwise)."""
-    from django_warpmesh.management.commands.mesh_status import (
-        Census,
-        Reply,
-        Target,
-        build_report,
-    )
+    from django_warpmesh.status_report import Census, Reply, Target, build_report
 
     link = {"name": "nats", "url": "nats://broker:4222", "connected": False}
     stats = {"node_id": "ab" * 8, "address": "", "pid": 7, "host": "h", "transport": link}

@@ -1,0 +1,61 @@
+"""Where the observer of ``manage.py mesh_status`` finds its targets: where its node would.
+
+No process and no socket: the registry of a node built as :func:`django_warpmesh.mesh.build_node`
+builds it, and the peer table of the test database. tests/test_mesh_status.py runs the command.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from django_warpmesh.conf import parse
+from django_warpmesh.discovery import DatabaseRegistry
+from django_warpmesh.mesh import BrokerRegistry, StaticRegistry
+from django_warpmesh.observe import find_targets
+
+
+def test_static_peers_are_the_targets_in_address_order() -> None:
+    census = find_targets(StaticRegistry(["10.0.0.2:7934", "10.0.0.1:7934"]))
+    assert census is not None
+    assert census.discovery == "static PEERS (2)"
+    assert [target.address for target in census.targets] == ["10.0.0.1:7934", "10.0.0.2:7934"]
+    assert all(target.node_id is None for target in census.targets)
+
+
+def test_with_a_broker_whoever_answers_is_the_mesh() -> None:
+    assert find_targets(BrokerRegistry()) is None
+
+
+@pytest.mark.django_db
+def test_the_targets_are_the_rows_a_node_would_dial() -> None:
+    from django.db.models.functions import Now
+
+    from django_warpmesh.models import Peer
+
+    for node_id, address, age in [
+        ("newest", "10.0.0.1:7934", 1),
+        ("older", "10.0.0.1:7934", 5),  # the same address: the nodes use the newest row
+        ("any", "0.0.0.0:7934", 1),  # never dialled
+        ("stale", "10.0.0.2:7934", 100),
+        ("future", "10.0.0.3:7934", -3600),  # not written by a node: nodes ignore it
+    ]:
+        # The database's clock, as a node writes it (whatever USE_TZ and TIME_ZONE).
+        last_seen = Now() - datetime.timedelta(seconds=age)
+        Peer.objects.create(
+            node_id=node_id, address=address, host="h", pid=7, version="0",
+            started_at=last_seen, last_seen=last_seen,
+        )  # fmt: skip
+    registry = DatabaseRegistry(parse({"ENABLED": True, "STALE_AFTER": 30}))
+    census = find_targets(registry)
+    assert census is not None
+    assert census.discovery == registry.description
+    assert [(t.address, t.node_id, t.host, t.pid, t.stale) for t in census.targets] == [
+        ("10.0.0.1:7934", "newest", "h", 7, False),
+        ("10.0.0.2:7934", "stale", "h", 7, True),
+    ]
+    newest = census.targets[0]
+    assert newest.last_seen is not None
+    assert newest.started_at == newest.last_seen
+    assert 0 <= (census.now - newest.last_seen).total_seconds() < 60  # the database's clock
