@@ -205,7 +205,7 @@ def inject(addresses: list[str], prefix: str, count: int) -> dict[str, Any]:
 
     from django_warpmesh import protocol
     from django_warpmesh.conf import get_settings
-    from django_warpmesh.mesh import frame_key
+    from django_warpmesh.node_factory import frame_key
 
     cache, store = _cache_and_store()
     config = get_settings()

@@ -10,16 +10,16 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from django_warpmesh.conf import get_settings
-from django_warpmesh.models import Peer
+from django_warpmesh.models import PeerRow
 
 if TYPE_CHECKING:
-    PeerAdminBase = admin.ModelAdmin[Peer]
+    PeerAdminBase = admin.ModelAdmin[PeerRow]
 else:
     # ModelAdmin is generic only in django-stubs, not at run time.
     PeerAdminBase = admin.ModelAdmin
 
 
-@admin.register(Peer)
+@admin.register(PeerRow)
 class PeerAdmin(PeerAdminBase):
     list_display = ["node_id", "address", "host", "pid", "last_seen", "age", "stale"]
     list_filter = ["host"]
@@ -27,12 +27,12 @@ class PeerAdmin(PeerAdminBase):
     ordering = ["address"]
 
     @admin.display(description="age")
-    def age(self, peer: Peer) -> str:
+    def age(self, peer: PeerRow) -> str:
         seconds = int((timezone.now() - peer.started_at).total_seconds())
         return str(timedelta(seconds=max(seconds, 0)))
 
     @admin.display(description="stale", boolean=True)
-    def stale(self, peer: Peer) -> bool:
+    def stale(self, peer: PeerRow) -> bool:
         return timezone.now() - peer.last_seen > timedelta(seconds=get_settings().stale_after)
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -299,7 +299,7 @@ def get_store(name: str) -> LocMemStore:
 
 
 def _build_node() -> MeshNode | NullNode:
-    from django_warpmesh.mesh import build_node
+    from django_warpmesh.node_factory import build_node
 
     return build_node()
 

@@ -51,10 +51,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
 def _check_peer_table(config: MeshSettings) -> list[CheckMessage]:
     from django_warpmesh.discovery import database_alias
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     alias = database_alias(config)
-    table = Peer._meta.db_table
+    table = PeerRow._meta.db_table
     try:
         with connections[alias].cursor() as cursor:
             tables = connections[alias].introspection.table_names(cursor)
@@ -160,7 +160,7 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
 
 def _check_broker(config: MeshSettings) -> list[CheckMessage]:
     """A broker TRANSPORT that cannot work here, and the settings it makes pointless."""
-    from django_warpmesh.mesh import postgres_conninfo
+    from django_warpmesh.node_factory import postgres_conninfo
 
     extra = {"nats": "nats", "postgresql": "psycopg"}[config.broker or ""]
     messages: list[CheckMessage] = []

@@ -68,10 +68,10 @@ def peer_table_migrated(**kwargs: object) -> None:
 
 
 def database_alias(config: MeshSettings) -> str:
-    """``WARPMESH['DATABASE']`` if set, else what the routers say for writing a Peer."""
-    from django_warpmesh.models import Peer
+    """``WARPMESH['DATABASE']`` if set, else what the routers say for writing a PeerRow."""
+    from django_warpmesh.models import PeerRow
 
-    return config.database or router.db_for_write(Peer) or "default"
+    return config.database or router.db_for_write(PeerRow) or "default"
 
 
 def peer_rows(alias: str, limit: int | None = None) -> list[dict[str, Any]]:
@@ -82,11 +82,11 @@ def peer_rows(alias: str, limit: int | None = None) -> list[dict[str, Any]]:
     ``db_now``, the database's clock at the read. Raises :class:`DatabaseError`; the caller
     closes the connection.
     """
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     fields = ("node_id", "address", "host", "pid", "started_at", "last_seen")
     return list(
-        Peer.objects.using(alias)
+        PeerRow.objects.using(alias)
         .filter(last_seen__lte=Now() + timedelta(seconds=FUTURE_TOLERANCE))
         .annotate(db_now=Now())
         .order_by("-last_seen")
@@ -99,12 +99,12 @@ def peer_table_missing(alias: str) -> bool:
 
     Closes the connection, before (it may be in a failed transaction) and after.
     """
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     connection = connections[alias]
     connection.close()
     try:
-        return Peer._meta.db_table not in connection.introspection.table_names()
+        return PeerRow._meta.db_table not in connection.introspection.table_names()
     except DatabaseError:
         return False
     finally:
@@ -152,19 +152,19 @@ class DatabaseRegistry:
     def leave(self, node: MeshNode) -> None:
         if not node.address:
             return
-        from django_warpmesh.models import Peer
+        from django_warpmesh.models import PeerRow
 
         try:
-            Peer.objects.using(self.alias).filter(node_id=node.hex_id).delete()
+            PeerRow.objects.using(self.alias).filter(node_id=node.hex_id).delete()
         except DatabaseError:
             pass  # Our row goes stale and a peer removes it.
         finally:
             connections[self.alias].close()
 
     def _register(self, node: Registrant) -> None:
-        from django_warpmesh.models import Peer
+        from django_warpmesh.models import PeerRow
 
-        rows = Peer.objects.using(self.alias)
+        rows = PeerRow.objects.using(self.alias)
         fields = {
             "address": node.address,
             "host": socket.gethostname()[:255],
@@ -179,9 +179,9 @@ class DatabaseRegistry:
             rows.create(node_id=node.hex_id, started_at=Now(), **fields)
 
     def _remove_stale(self, node: Registrant) -> None:
-        from django_warpmesh.models import Peer
+        from django_warpmesh.models import PeerRow
 
-        rows = Peer.objects.using(self.alias).exclude(node_id=node.hex_id)
+        rows = PeerRow.objects.using(self.alias).exclude(node_id=node.hex_id)
         stale = rows.filter(last_seen__lt=Now() - timedelta(seconds=self.config.stale_after))
         for node_id, address in stale.values_list("node_id", "address"):
             logger.info("mesh: removing stale peer %s (%s) from the peer table", node_id, address)
@@ -252,9 +252,9 @@ class DatabaseRegistry:
         return list(addresses)
 
     def _failure(self, exc: DatabaseError) -> DiscoveryError:
-        from django_warpmesh.models import Peer
+        from django_warpmesh.models import PeerRow
 
-        table = Peer._meta.db_table
+        table = PeerRow._meta.db_table
         if peer_table_missing(self.alias):
             # No node can have registered in a table that does not exist: nobody to wait for.
             return DiscoveryError(

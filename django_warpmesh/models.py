@@ -3,8 +3,9 @@ from __future__ import annotations
 from django.db import models
 
 
-class Peer(models.Model):
-    """One live mesh node, as it announced itself. Rows are managed by the nodes themselves."""
+class PeerRow(models.Model):
+    """A row of the peer table: one live mesh node, as it announced itself. Rows are managed by
+    the nodes themselves (the node's own view of a peer is :class:`django_warpmesh.node.Peer`)."""
 
     node_id = models.CharField(max_length=32, unique=True)
     address = models.CharField(max_length=255)
@@ -16,6 +17,7 @@ class Peer(models.Model):
     last_seen = models.DateTimeField(db_index=True)
 
     class Meta:
+        db_table = "django_warpmesh_peer"  # the table every version of the nodes shares
         verbose_name = "mesh peer"
         ordering = ["address"]
 

@@ -1,9 +1,9 @@
 """The observer of ``manage.py mesh_status``: a node that asks every peer for its stats.
 
-The observer's node is built as any process's (:func:`django_warpmesh.mesh.build_node`, with
-``observer=True``), so it finds its peers the same way: the static ``PEERS`` list, or the rows
-of the peer table (read as the nodes read it, :func:`django_warpmesh.discovery.peer_rows`). It
-dials them and asks each for its stats over the mesh (signed STATS_REQUEST / STATS_REPLY
+The observer's node is built as any process's (:func:`django_warpmesh.node_factory.build_node`,
+with ``observer=True``), so it finds its peers the same way: the static ``PEERS`` list, or the
+rows of the peer table (read as the nodes read it, :func:`django_warpmesh.discovery.peer_rows`).
+It dials them and asks each for its stats over the mesh (signed STATS_REQUEST / STATS_REPLY
 frames). With a broker ``TRANSPORT``, nobody is dialled: the observer joins the broker and asks
 everyone at once; whoever answers is the mesh. An observer never registers in the peer table,
 never appears in a peer's list, never sends an invalidation and never causes a flush.
@@ -35,8 +35,8 @@ from django_warpmesh.discovery import (
     peer_rows,
     peer_table_missing,
 )
-from django_warpmesh.mesh import BrokerRegistry, build_node
 from django_warpmesh.node.transports import TransportError
+from django_warpmesh.node_factory import BrokerRegistry, build_node
 from django_warpmesh.status_report import (
     Census,
     Reply,
@@ -292,11 +292,11 @@ def _table_census(registry: DatabaseRegistry) -> Census:
 
 
 def _table_problem(alias: str, exc: DatabaseError) -> str:
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     if peer_table_missing(alias):
         return (
-            f"misconfigured: the peer table {Peer._meta.db_table!r} does not exist on database "
+            f"misconfigured: the peer table {PeerRow._meta.db_table!r} does not exist on database "
             f"{alias!r}: run 'manage.py migrate django_warpmesh --database {alias}'"
         )
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

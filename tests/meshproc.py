@@ -170,9 +170,9 @@ def main() -> None:
             get_store(caches[alias]._name).flush()  # type: ignore[attr-defined]
             return True
         if call == "peer_rows":
-            from django_warpmesh.models import Peer
+            from django_warpmesh.models import PeerRow
 
-            rows = Peer.objects.using(request.get("using", "default"))
+            rows = PeerRow.objects.using(request.get("using", "default"))
             return list(rows.values("node_id", "address", "pid", "caches"))
         if call == "logged":
             return "\n".join(logged)

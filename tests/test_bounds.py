@@ -13,11 +13,11 @@ import pynng
 
 from django_warpmesh import protocol
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.node.core import PIPE_STRIKES, REPLY_MAX_BYTES
 from django_warpmesh.node.peers import HEARTBEAT_FANIN
 from django_warpmesh.node.transports.nng import NngTransport
+from django_warpmesh.node_factory import StaticRegistry
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
 from tests.fakes import Clock, FakeMessage, FakeNngMessage, FakePipe
 

@@ -19,9 +19,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import build_broker, build_node
 from django_warpmesh.node import NullNode
 from django_warpmesh.node.transports import TransportError
+from django_warpmesh.node_factory import build_broker, build_node
 from tests.cluster import Cluster, cluster, wait_for
 from tests.natsserver import NatsServer, nats_server_binary
 from tests.pgserver import private_postgres

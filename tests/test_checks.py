@@ -19,8 +19,8 @@ from django.db.models import QuerySet
 from django_warpmesh import checks, protocol
 from django_warpmesh.cache import MeshCache
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import LOG_EVERY, MeshNode, Peer
+from django_warpmesh.node_factory import StaticRegistry
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
 from tests.cluster import cluster, wait_for
 
@@ -432,11 +432,11 @@ def test_the_log_lines_of_a_mesh() -> None:
 def test_e005_what_discovery_would_hit_is_reported_at_start(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     settings.WARPMESH = {"ENABLED": True}
     assert checks.check_settings(None) == []
-    assert not Peer.objects.exists()  # the probe's row was rolled back
+    assert not PeerRow.objects.exists()  # the probe's row was rolled back
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise ProgrammingError("permission denied for table django_warpmesh_peer")

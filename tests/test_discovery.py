@@ -307,18 +307,18 @@ def test_the_rows_read_are_capped_and_checked(
 
     from django_warpmesh import discovery
     from django_warpmesh.conf import parse
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     now = timezone.now()
     newest = now + datetime.timedelta(seconds=1)  # read first
     rows = [("0.0.0.0:7934", "any"), ("224.0.0.1:7934", "multicast"), ("10.0.0.1:0", "port0")]
     for address, node_id in rows:
-        Peer.objects.create(
+        PeerRow.objects.create(
             node_id=node_id, address=address, host="h", pid=1, version="0",
             started_at=now, last_seen=newest,
         )  # fmt: skip
     for i in range(5):
-        Peer.objects.create(
+        PeerRow.objects.create(
             node_id=f"ok{i}", address=f"10.0.1.{i}:7934", host="h", pid=1, version="0",
             started_at=now, last_seen=now - datetime.timedelta(seconds=i),
         )  # fmt: skip

@@ -13,7 +13,7 @@ from django.test import override_settings
 
 from django_warpmesh import protocol
 from django_warpmesh.conf import get_settings
-from django_warpmesh.mesh import frame_key
+from django_warpmesh.node_factory import frame_key
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
 from tests.cluster import MeshProcess, free_ports, wait_for
 

@@ -1,7 +1,8 @@
 """Where the observer of ``manage.py mesh_status`` finds its targets: where its node would.
 
-No process and no socket: the registry of a node built as :func:`django_warpmesh.mesh.build_node`
-builds it, and the peer table of the test database. tests/test_mesh_status.py runs the command.
+No process and no socket: the registry of a node built as
+:func:`django_warpmesh.node_factory.build_node` builds it, and the peer table of the test
+database. tests/test_mesh_status.py runs the command.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from django_warpmesh.conf import parse
 from django_warpmesh.discovery import DatabaseRegistry
-from django_warpmesh.mesh import BrokerRegistry, StaticRegistry
+from django_warpmesh.node_factory import BrokerRegistry, StaticRegistry
 from django_warpmesh.observe import find_targets
 
 
@@ -32,7 +33,7 @@ def test_with_a_broker_whoever_answers_is_the_mesh() -> None:
 def test_the_targets_are_the_rows_a_node_would_dial() -> None:
     from django.db.models.functions import Now
 
-    from django_warpmesh.models import Peer
+    from django_warpmesh.models import PeerRow
 
     for node_id, address, age in [
         ("newest", "10.0.0.1:7934", 1),
@@ -43,7 +44,7 @@ def test_the_targets_are_the_rows_a_node_would_dial() -> None:
     ]:
         # The database's clock, as a node writes it (whatever USE_TZ and TIME_ZONE).
         last_seen = Now() - datetime.timedelta(seconds=age)
-        Peer.objects.create(
+        PeerRow.objects.create(
             node_id=node_id, address=address, host="h", pid=7, version="0",
             started_at=last_seen, last_seen=last_seen,
         )  # fmt: skip

@@ -12,14 +12,14 @@ from django.utils import timezone
 
 from django_warpmesh.conf import parse
 from django_warpmesh.discovery import DatabaseRegistry, database_alias
-from django_warpmesh.models import Peer
+from django_warpmesh.models import PeerRow
 
 pytestmark = pytest.mark.database
 
 
-def make_peer(node_id: str, address: str, *, seen_ago: float = 0.0) -> Peer:
+def make_peer(node_id: str, address: str, *, seen_ago: float = 0.0) -> PeerRow:
     now = timezone.now()
-    return Peer.objects.create(
+    return PeerRow.objects.create(
         node_id=node_id,
         address=address,
         host="web-1",
@@ -42,25 +42,25 @@ def staff_client(db: None) -> Client:
 def test_admin_lists_peers_read_only(staff_client: Client) -> None:
     make_peer("a" * 16, "10.0.0.1:7934")
     make_peer("b" * 16, "10.0.0.2:7934", seen_ago=3600)
-    response = staff_client.get("/admin/django_warpmesh/peer/")
+    response = staff_client.get("/admin/django_warpmesh/peerrow/")
     assert response.status_code == 200
     page = response.content.decode()
     assert "10.0.0.1:7934" in page
     assert "10.0.0.2:7934" in page
     assert page.count('alt="True"') == 1  # only the row unseen for an hour is stale
     assert "1:00:00" in page  # age
-    assert staff_client.get("/admin/django_warpmesh/peer/add/").status_code == 403
-    peer = Peer.objects.get(address="10.0.0.1:7934")
-    change = staff_client.post(f"/admin/django_warpmesh/peer/{peer.pk}/change/", {"pid": 1})
+    assert staff_client.get("/admin/django_warpmesh/peerrow/add/").status_code == 403
+    peer = PeerRow.objects.get(address="10.0.0.1:7934")
+    change = staff_client.post(f"/admin/django_warpmesh/peerrow/{peer.pk}/change/", {"pid": 1})
     assert change.status_code == 403
-    delete = staff_client.post(f"/admin/django_warpmesh/peer/{peer.pk}/delete/", {"post": "yes"})
+    delete = staff_client.post(f"/admin/django_warpmesh/peerrow/{peer.pk}/delete/", {"post": "yes"})
     assert delete.status_code == 403
-    assert Peer.objects.count() == 2
+    assert PeerRow.objects.count() == 2
 
 
 class PeersElsewhere:
     def db_for_write(self, model: type[Any], **hints: Any) -> str | None:
-        return "mesh" if model is Peer else None
+        return "mesh" if model is PeerRow else None
 
 
 def test_database_alias_honours_routers_and_the_setting() -> None:
@@ -92,12 +92,12 @@ def test_registry_registers_removes_stale_and_skips_garbage(
     for _ in range(3):
         addresses = registry.sync(FakeNode())  # type: ignore[arg-type]
         assert addresses == ["127.0.0.2:7934"]
-    own = Peer.objects.get(node_id=FakeNode.hex_id)
+    own = PeerRow.objects.get(node_id=FakeNode.hex_id)
     assert own.address == FakeNode.address
     assert own.caches == ["default"]
-    assert not Peer.objects.filter(node_id="stale").exists()
+    assert not PeerRow.objects.filter(node_id="stale").exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum("skipping peer row bad" in message for message in warnings) == 1
     assert sum("skipping peer row impostor" in message for message in warnings) == 1
     registry.leave(FakeNode())  # type: ignore[arg-type]
-    assert not Peer.objects.filter(node_id=FakeNode.hex_id).exists()
+    assert not PeerRow.objects.filter(node_id=FakeNode.hex_id).exists()

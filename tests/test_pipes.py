@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from django_warpmesh import protocol
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
+from django_warpmesh.node_factory import StaticRegistry
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
 from tests.fakes import FakeDialer, FakeMessage, FakePipe
 

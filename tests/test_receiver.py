@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import TICK_IDLE_MS, MeshNode
+from django_warpmesh.node_factory import StaticRegistry
 from tests.cluster import free_ports, wait_for
 
 

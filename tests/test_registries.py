@@ -9,9 +9,9 @@ import pytest
 
 from django_warpmesh import protocol
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import MeshNode
 from django_warpmesh.node.ops import coalesce, single_op
+from django_warpmesh.node_factory import StaticRegistry
 from django_warpmesh.protocol import Kind, OpCode
 
 # An argument of each op code as a cache queues it.

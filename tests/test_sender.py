@@ -14,9 +14,9 @@ import pytest
 
 from django_warpmesh import protocol
 from django_warpmesh.conf import parse
-from django_warpmesh.mesh import StaticRegistry
 from django_warpmesh.node import GAP_GRACE, MeshNode
 from django_warpmesh.node.transports.nng import NngTransport
+from django_warpmesh.node_factory import StaticRegistry
 from django_warpmesh.protocol import Kind, Op, OpCode
 from tests.fakes import Clock, FakeMessage, FakePipe, FakeSocket
 

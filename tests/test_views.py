@@ -277,7 +277,7 @@ def test_stats_and_dashboard_show_the_peers(web_node: tuple[str, Cluster], staff
 
     # No secret anywhere: not the mesh SECRET, not SECRET_KEY, not the derived frame key.
     from django_warpmesh.conf import get_settings
-    from django_warpmesh.mesh import frame_key
+    from django_warpmesh.node_factory import frame_key
 
     key = frame_key(get_settings())
     for body in (client.get(STATS).content, client.get(DASHBOARD).content):

@@ -187,7 +187,7 @@ class MeshNode:
         self.threads = [
             threading.Thread(target=self.sender.run, name="warpmesh-sender", daemon=True),
             threading.Thread(target=self.receiver.run, name="warpmesh-receiver", daemon=True),
-            threading.Thread(target=self.membership.run, name="warpmesh-discovery", daemon=True),
+            threading.Thread(target=self.membership.run, name="warpmesh-maintenance", daemon=True),
         ]
         for thread in self.threads:
             thread.start()

@@ -175,8 +175,8 @@ class Harness:
 class Run:
     def __init__(self, harness: Harness, draw: Draw) -> None:
         from django_warpmesh.conf import parse
-        from django_warpmesh.mesh import StaticRegistry
         from django_warpmesh.node import MeshNode
+        from django_warpmesh.node_factory import StaticRegistry
 
         self.h, self.draw = harness, draw
         p = harness.protocol

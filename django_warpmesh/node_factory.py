@@ -1,6 +1,6 @@
 """Build this process's mesh node from the Django settings.
 
-The node module knows nothing of Django; this module is the seam: it reads ``WARPMESH``, derives
+The node package knows nothing of Django; this module is the seam: it reads ``WARPMESH``, derives
 the HMAC key, and picks where peers come from (the static ``PEERS`` list or the database table).
 """
 
@@ -21,7 +21,7 @@ from django_warpmesh.node.transports import BrokerTransport, TransportError, cha
 
 logger = logging.getLogger("django_warpmesh")
 
-_KEY_SALT = "django_warpmesh.mesh.frame-key"
+_KEY_SALT = "django_warpmesh.mesh.frame-key"  # unchanged since 0.1: the key every node derives
 
 
 def frame_key(config: MeshSettings) -> bytes:
