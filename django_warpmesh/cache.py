@@ -121,9 +121,6 @@ class LocMemStore:
                         if not rows:
                             del self._table_rows[table]
 
-    def tags_of(self, key: str) -> tuple[str, ...]:
-        return self._key_tags.get(key, ())
-
     def drop(self, key: str) -> bool:
         """Remove an expired entry: housekeeping, not an invalidation."""
         if self.cache.pop(key, None) is None:

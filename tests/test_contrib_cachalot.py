@@ -82,7 +82,7 @@ def read(
 def stored(cache: CachalotMeshCache) -> dict[str, tuple[str, ...]]:
     """Each entry this process holds, with its tags."""
     store = cache._store
-    return {key: store.tags_of(key) for key in store.cache}
+    return {key: store._key_tags.get(key, ()) for key in store.cache}
 
 
 def test_a_fill_is_stored_here_only_and_its_table_keys_are_tagged(node: RecordingNode) -> None:
