@@ -14,8 +14,9 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 from django.core.cache.backends import locmem
@@ -185,24 +186,11 @@ class LocMemStore:
     # The node's Store protocol.
 
     def apply(self, ops: Sequence[Op]) -> None:
+        """Apply peers' ops, each by its code's applier (see :data:`APPLIERS`)."""
+        appliers = APPLIERS
         with self.lock:
             for op in ops:
-                code = op.code
-                if code is OpCode.DELETE:
-                    for key in op.args:
-                        self._forget(key)
-                elif code is OpCode.DELETE_UNLESS:
-                    cache = self.cache
-                    for key, wanted in op.args:
-                        stored = cache.get(key)
-                        if stored is None or digest(stored) != wanted:
-                            self._forget(key)
-                elif code is OpCode.CLEAR:
-                    self._forget_all()
-                elif code is OpCode.PATTERN:
-                    self._forget_matching(op.args)
-                elif code is OpCode.TAGS:
-                    self._forget_tags(op.args)
+                appliers[op.code](self, op.args)
 
     def flush(self) -> None:
         with self.lock:
@@ -276,6 +264,50 @@ class LocMemStore:
         self._fill_starts.clear()
         self._invalidated_at.clear()
         self._marked_at.clear()
+
+
+# What each op code does to a store, called with ``store.lock`` held and the op's args.
+
+
+def _apply_delete(store: LocMemStore, keys: Iterable[str]) -> None:
+    for key in keys:
+        store._forget(key)
+
+
+def _apply_delete_unless(store: LocMemStore, pairs: Iterable[tuple[str, bytes]]) -> None:
+    cache = store.cache
+    for key, wanted in pairs:
+        stored = cache.get(key)
+        if stored is None or digest(stored) != wanted:
+            store._forget(key)
+
+
+def _apply_clear(store: LocMemStore, _args: None) -> None:
+    store._forget_all()
+
+
+def _apply_pattern(store: LocMemStore, pattern: str) -> None:
+    store._forget_matching(pattern)
+
+
+def _apply_tags(store: LocMemStore, tags: Iterable[str]) -> None:
+    store._forget_tags(tags)
+
+
+Applier = Callable[[LocMemStore, Any], object]
+
+# One applier per OpCode, and no other dispatch: apply() looks each op's code up here, so a code
+# without an applier fails loudly (KeyError) instead of being skipped. Every member is covered
+# (tests/test_store.py).
+APPLIERS: Mapping[OpCode, Applier] = MappingProxyType(
+    {
+        OpCode.DELETE: _apply_delete,
+        OpCode.DELETE_UNLESS: _apply_delete_unless,
+        OpCode.CLEAR: _apply_clear,
+        OpCode.PATTERN: _apply_pattern,
+        OpCode.TAGS: _apply_tags,
+    }
+)
 
 
 _stores: dict[str, LocMemStore] = {}
