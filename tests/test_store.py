@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from django_warpmesh import cache as mesh_cache
-from django_warpmesh.cache import APPLIERS, get_store
+from django_warpmesh import store as mesh_store
 from django_warpmesh.protocol import Op, OpCode
+from django_warpmesh.store import APPLIERS, get_store
 
 _names = itertools.count()
 
@@ -24,7 +24,7 @@ def test_an_opcode_without_an_applier_fails_loudly(
 ) -> None:
     """Not skipped as an unknown code would be by an if-chain: apply() raises."""
     monkeypatch.setattr(
-        mesh_cache, "APPLIERS", {other: a for other, a in APPLIERS.items() if other is not code}
+        mesh_store, "APPLIERS", {other: a for other, a in APPLIERS.items() if other is not code}
     )
     store = get_store(f"test-store-{next(_names)}")
     with pytest.raises(KeyError):
