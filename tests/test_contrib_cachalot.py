@@ -30,8 +30,8 @@ from django_warpmesh.contrib import cachalot as contrib
 from django_warpmesh.contrib.cachalot import CachalotMeshCache, cachalot_tag
 from django_warpmesh.node import process
 from django_warpmesh.protocol import Op, OpCode
+from tests.cache_helpers import RecordingNode
 from tests.cluster import manage
-from tests.test_cache_api import RecordingNode
 
 PRODUCTS = "testapp_product"
 CATEGORIES = "testapp_category"
