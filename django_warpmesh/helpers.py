@@ -83,15 +83,6 @@ def cached_as(
     return decorator
 
 
-def tables_read(queryset: QuerySet[Any]) -> set[str]:
-    """Every table the queryset's SQL reads: joins, subqueries and m2m tables included."""
-    try:
-        sql, _ = queryset.query.get_compiler(using=queryset.db).as_sql()
-    except EmptyResultSet:
-        sql = ""
-    return _tables_of(queryset, sql)
-
-
 def _tables_of(queryset: QuerySet[Any], sql: str) -> set[str]:
     return {queryset.model._meta.db_table} | tables_in(sql, all_tables())
 

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.cache.backends import locmem
 
+from django_warpmesh import node as mesh_node
+from django_warpmesh.node import process
+from tests.cache_helpers import Clock, RecordingNode
 from tests.cluster import migrate, server_execute
 
 # Where each server's shared database is named in a process's environment (tests/settings.py).
@@ -50,3 +54,22 @@ def empty_db(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A database with no tables at all (``migrate`` not run yet), for one test."""
     with database_of_its_own("empty", tmp_path) as env:
         yield env
+
+
+# The MeshCache API tests' (tests/test_cache_*.py, tests/cache_helpers.py).
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    # locmem.time *is* the time module: LocMemCache, BaseCache and MeshCache all read this.
+    monkeypatch.setattr(locmem.time, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def node(monkeypatch: pytest.MonkeyPatch) -> RecordingNode:
+    fake = RecordingNode()
+    monkeypatch.setattr(process, "_current", fake)
+    assert mesh_node.get_node() is fake
+    return fake

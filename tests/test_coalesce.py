@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from django_warpmesh import cache as mesh_cache
+from django_warpmesh import store as mesh_store
 from django_warpmesh.cache import MeshCache
 from django_warpmesh.node import SINGLE_OP_MAX_ITEMS, coalesce, process
 from django_warpmesh.node.ops import single_op
@@ -383,7 +384,7 @@ def test_peers_end_with_what_the_writer_holds_whatever_the_interleaving(
     finally:
         process._current = saved_node
         for store_name in (name, f"{name}-peer"):
-            mesh_cache._stores.pop(store_name, None)
+            mesh_store._stores.pop(store_name, None)
             for shared in ("_caches", "_expire_info", "_locks"):
                 vars(locmem)[shared].pop(store_name, None)
 

@@ -30,8 +30,8 @@ from django_warpmesh.contrib import cachalot as contrib
 from django_warpmesh.contrib.cachalot import CachalotMeshCache, cachalot_tag
 from django_warpmesh.node import process
 from django_warpmesh.protocol import Op, OpCode
+from tests.cache_helpers import RecordingNode
 from tests.cluster import manage
-from tests.test_cache_api import RecordingNode
 
 PRODUCTS = "testapp_product"
 CATEGORIES = "testapp_category"
@@ -82,7 +82,7 @@ def read(
 def stored(cache: CachalotMeshCache) -> dict[str, tuple[str, ...]]:
     """Each entry this process holds, with its tags."""
     store = cache._store
-    return {key: store.tags_of(key) for key in store.cache}
+    return {key: store._key_tags.get(key, ()) for key in store.cache}
 
 
 def test_a_fill_is_stored_here_only_and_its_table_keys_are_tagged(node: RecordingNode) -> None:
