@@ -16,12 +16,16 @@ class WarpMeshConfig(AppConfig):
         from django.core.exceptions import ImproperlyConfigured
         from django.db.models.signals import post_migrate
 
-        from django_warpmesh import checks, discovery, orm  # noqa: F401
+        from django_warpmesh import cache, checks, discovery, orm  # noqa: F401
+
+        # Importing a module of the package wires nothing: it is done here (and lazily by the
+        # first MeshCache of a project that does not install the app).
+        cache.install()
 
         if apps.is_installed("cachalot"):
             # Before any check runs: it tells cachalot's check (cachalot.W001) that its backend
             # is made for cachalot. Otherwise imported only when that backend is first used.
-            import_module("django_warpmesh.contrib.cachalot")
+            import_module("django_warpmesh.contrib.cachalot").install()
 
         # Once migrate has made the peer table, a node that could not find it looks again now.
         post_migrate.connect(

@@ -20,6 +20,7 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
+from django_warpmesh import conf
 from django_warpmesh.node import MeshNode, NullNode, process
 from django_warpmesh.protocol import OpCode, encodable
 from django_warpmesh.store import (
@@ -98,9 +99,11 @@ def install() -> None:
             return
         process.set_node_factory(_build_node, existing_stores, _degraded_timeout)
         process.on_fork_in_child(reset_stores_after_fork)
+        process.install_hooks()
         setting_changed.connect(
             _caches_changed, dispatch_uid="django_warpmesh.cache.caches_changed"
         )
+        conf.install()
         _installed = True
 
 
@@ -132,11 +135,6 @@ def invalidate_tags(tags: tuple[str, ...], *, start: bool = True) -> None:
                 node.publish(name, OpCode.TAGS, list(tags))
     if node is not None:
         node.deliver()
-
-
-# Until WarpMeshConfig.ready() calls install(): remove this call then, and importing this module
-# does nothing.
-install()
 
 
 # Called unbound, without super(): a read's own cost is what the mesh must not add to.

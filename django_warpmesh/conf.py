@@ -206,4 +206,7 @@ def dashboard_permission() -> Permission:
     return resolve_permission(getattr(settings, PERMISSION_SETTING, None))
 
 
-setting_changed.connect(reload, dispatch_uid="django_warpmesh.conf.reload")
+def install() -> None:
+    """Re-parse on ``setting_changed`` (``override_settings``). Idempotent; called when the
+    cache layer is wired (:func:`django_warpmesh.cache.install`)."""
+    setting_changed.connect(reload, dispatch_uid="django_warpmesh.conf.reload")

@@ -33,3 +33,26 @@ def test_importing_the_node_imports_no_django(module: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_package_wires_nothing() -> None:
+    """Signal receivers, fork and exit hooks and the node factory are connected by the app's
+    ``ready()`` (or the first MeshCache), never by an import."""
+    code = "; ".join(
+        [
+            "from django.conf import settings",
+            "settings.configure()",
+            "import django_warpmesh.cache, django_warpmesh.conf, django_warpmesh.checks",
+            "import django_warpmesh.node_factory, django_warpmesh.contrib.cachalot",
+            "from django.core.signals import setting_changed",
+            "from django_warpmesh.node import process",
+            "assert not process._hooked",
+            "assert process._node_factory is None",
+            "ours = [r for r in setting_changed.receivers if 'django_warpmesh' in str(r[0])]",
+            "assert not ours, ours",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -96,9 +96,6 @@ def _settings_changed(**kwargs: object) -> None:
         _table_keys.cache_clear()
 
 
-setting_changed.connect(_settings_changed, dispatch_uid="django_warpmesh.contrib.cachalot")
-
-
 class _OpenFill(threading.local):
     """The fill this thread began with its last cachalot miss: (store, query key, began, tags)."""
 
@@ -141,6 +138,7 @@ class CachalotMeshCache(MeshCache):
 
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         super().__init__(name, params)
+        install()
         if not CachalotMeshCache.in_use and not apps.is_installed(OWN_APP):
             # cachalot invalidates before each write: a peer reading in between caches the old
             # rows again. The ORM hooks invalidate again after the write (and at commit).
@@ -262,7 +260,13 @@ def _own_tables() -> frozenset[str]:
     return frozenset(model._meta.db_table for model in apps.get_app_config(OWN_APP).get_models())
 
 
-post_invalidation.connect(_invalidated, dispatch_uid="django_warpmesh.contrib.cachalot")
+def install() -> None:
+    """Listen to cachalot's invalidations and to setting changes. Idempotent (the dispatch
+    uids); called by the app's ``ready()`` when cachalot is installed, and by the first
+    :class:`CachalotMeshCache`."""
+    setting_changed.connect(_settings_changed, dispatch_uid="django_warpmesh.contrib.cachalot")
+    post_invalidation.connect(_invalidated, dispatch_uid="django_warpmesh.contrib.cachalot")
+
 
 # cachalot's check (cachalot.W001) warns about any backend not in its list; this one is made for
 # it. Subclasses under another path: add "cachalot.W001" to SILENCED_SYSTEM_CHECKS.

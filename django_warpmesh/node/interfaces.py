@@ -27,7 +27,7 @@ class DiscoveryError(Exception):
 
 
 class Store(Protocol):
-    """A cache's storage as the node sees it. Implemented by :mod:`django_warpmesh.cache`."""
+    """A cache's storage as the node sees it. Implemented by :mod:`django_warpmesh.store`."""
 
     def apply(self, ops: Sequence[Op]) -> None: ...
 

@@ -269,9 +269,21 @@ def on_fork_in_child(callback: Callable[[], None]) -> None:
     _fork_callbacks.append(callback)
 
 
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
-atexit.register(stop_node)
+_hooked = False
+
+
+def install_hooks() -> None:
+    """Register the fork and exit hooks of this process, once (importing this module does not):
+    a child forked after the node opened its socket is relayed by it, and a process that exits
+    delivers what it queued first."""
+    global _hooked
+    with _current_lock:
+        if _hooked:
+            return
+        _hooked = True
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+    atexit.register(stop_node)
