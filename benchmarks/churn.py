@@ -98,7 +98,7 @@ def _store_and_key(key: str) -> tuple[Any, str]:
     from django_warpmesh.cache import get_store
 
     cache = _cache()
-    return get_store(cache._name), cache.make_key(key)
+    return get_store(cache._location), cache.make_key(key)
 
 
 def hold(keys: list[str]) -> int:

@@ -61,7 +61,7 @@ def _fill(cache: Any, keys: list[str]) -> None:
     from django_warpmesh.cache import MeshCache, get_store
 
     if isinstance(cache, MeshCache):
-        store = get_store(cache._name)
+        store = get_store(cache._location)
         pickled = pickle.dumps(PAYLOAD, cache.pickle_protocol)
         with store.lock:
             for key in keys:

@@ -122,7 +122,7 @@ def instrument(alias: str) -> tuple[Probe, Meter]:
         from django_warpmesh import node as mesh_node
         from django_warpmesh.cache import get_store
 
-        name = caches[alias]._name  # type: ignore[attr-defined]
+        name = caches[alias]._location  # type: ignore[attr-defined]
         probe, meter = Probe(), Meter()
         mesh_node.get_node().register_store(name, InstrumentedStore(get_store(name), probe, meter))
         _instruments[alias] = (probe, meter)

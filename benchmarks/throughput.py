@@ -81,7 +81,7 @@ def _cache_and_store() -> tuple[Any, Any]:
     from django_warpmesh.cache import get_store
 
     cache = caches[ALIAS]
-    return cache, get_store(cache._name)  # type: ignore[attr-defined]
+    return cache, get_store(cache._location)  # type: ignore[attr-defined]
 
 
 def _node() -> Any:
@@ -221,7 +221,7 @@ def inject(addresses: list[str], prefix: str, count: int) -> dict[str, Any]:
                 protocol.ops_body(
                     [
                         protocol.Op(
-                            store.name, protocol.OpCode.DELETE, [cache.make_key(f"{prefix}{i}")]
+                            store.location, protocol.OpCode.DELETE, [cache.make_key(f"{prefix}{i}")]
                         )
                     ]
                 ),

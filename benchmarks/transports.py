@@ -80,7 +80,7 @@ class MeshTransport(Transport):
 
         super().__init__()
         self.cache = caches[alias]
-        self.store = get_store(self.cache._name)  # type: ignore[attr-defined]
+        self.store = get_store(self.cache._location)  # type: ignore[attr-defined]
         self.probe, self.meter = instrument(alias)
         self.old = pickle.dumps("old")
 

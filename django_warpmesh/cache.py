@@ -145,9 +145,9 @@ class MeshCache(LocMemCache):
     """A ``LocMemCache`` whose mutations invalidate the same cache in every peer process."""
 
     def __init__(self, name: str, params: dict[str, Any]) -> None:
-        super().__init__(name, params)
+        super().__init__(name, params)  # Django passes the LOCATION as the name
         install()
-        self._name = name
+        self._location = name
         # The node starts on the first mutation, not here: Django's system checks instantiate
         # every cache, and `manage.py migrate` must not join the mesh.
         self._store = get_store(name)
@@ -194,7 +194,7 @@ class MeshCache(LocMemCache):
         return self._store.drop(key)
 
     def _publish_value(self, node: Any, key: str, pickled: bytes) -> None:
-        node.publish(self._name, OpCode.DELETE_UNLESS, (key, pickled))
+        node.publish(self._location, OpCode.DELETE_UNLESS, (key, pickled))
 
     # Every write queues its op for the peers while it still holds the store's lock: the sender
     # keeps each key's last queued op, so ops must be queued in the order the store applied
@@ -332,7 +332,7 @@ class MeshCache(LocMemCache):
             existed = key in self._store.cache
             self._store._forget(key)
             # Peers may hold the key even where we did not.
-            node.publish(self._name, OpCode.DELETE, [key])
+            node.publish(self._location, OpCode.DELETE, [key])
         node.deliver()
         return existed
 
@@ -344,14 +344,14 @@ class MeshCache(LocMemCache):
         with self._store.lock:
             for key in made:
                 self._store._forget(key)
-            node.publish(self._name, OpCode.DELETE, made)
+            node.publish(self._location, OpCode.DELETE, made)
         node.deliver()
 
     def clear(self) -> None:
         node = process.get_node()
         with self._store.lock:
             self._store._forget_all()
-            node.publish(self._name, OpCode.CLEAR, None)
+            node.publish(self._location, OpCode.CLEAR, None)
         node.deliver()
 
     def delete_pattern(self, pattern: str, version: int | None = None) -> int:
@@ -370,7 +370,7 @@ class MeshCache(LocMemCache):
         node = process.get_node()
         with self._store.lock:
             deleted = self._store._forget_matching(full_pattern)
-            node.publish(self._name, OpCode.PATTERN, full_pattern)
+            node.publish(self._location, OpCode.PATTERN, full_pattern)
         node.deliver()
         return deleted
 

@@ -55,7 +55,7 @@ class Registrant(Protocol):
     @property
     def hex_id(self) -> str: ...
 
-    def store_names(self) -> list[str]: ...
+    def store_locations(self) -> list[str]: ...
 
 
 def peer_table_migrated(**kwargs: object) -> None:
@@ -169,7 +169,7 @@ class DatabaseRegistry:
             "address": node.address,
             "host": socket.gethostname()[:255],
             "pid": os.getpid(),
-            "caches": sorted(node.store_names()),
+            "caches": sorted(node.store_locations()),
             "version": __version__,
             "last_seen": Now(),
         }
@@ -281,5 +281,5 @@ class _ProbeNode:
     address = "127.0.0.1:0"
     observer = False
 
-    def store_names(self) -> list[str]:
+    def store_locations(self) -> list[str]:
         return []

@@ -74,7 +74,7 @@ class ProtocolError(ValueError):
 # Named tuples, not frozen dataclasses: every received frame builds one Frame and an Op per op,
 # and a frozen dataclass's __init__ costs several times a tuple's on that path.
 class Op(NamedTuple):
-    alias: str
+    location: str  # the cache's LOCATION: the name peers know its storage by
     code: OpCode
     args: Any
 
@@ -184,13 +184,13 @@ def _validate_ops(body: object) -> list[Op]:
     for item in body:
         if not isinstance(item, list) or len(item) != 3 or type(item[0]) is not str:
             raise ProtocolError("malformed", "op")
-        alias, code_value, args = item
+        location, code_value, args = item
         code = _OPCODES.get(code_value) if type(code_value) is int else None
         if code is None:
             raise ProtocolError("malformed", f"unknown op {code_value!r}")
         if not OP_ARGUMENTS[code](args):
             raise ProtocolError("malformed", f"{code.name} arguments")
-        ops.append(Op(alias, code, args))
+        ops.append(Op(location, code, args))
     return ops
 
 
@@ -318,7 +318,7 @@ _BODY_VALIDATORS: Final = {
 
 
 def ops_body(ops: Iterable[Op]) -> list[list[Any]]:
-    return [[op.alias, int(op.code), op.args] for op in ops]
+    return [[op.location, int(op.code), op.args] for op in ops]
 
 
 def heartbeat_body(heartbeat: Heartbeat) -> list[Any]:
@@ -462,7 +462,7 @@ def split_ops(ops: Sequence[Op], budget: int) -> list[list[Op]]:
 
 
 def _op_size(op: Op) -> int:
-    return len(msgpack.packb([op.alias, int(op.code), op.args], use_bin_type=True))
+    return len(msgpack.packb([op.location, int(op.code), op.args], use_bin_type=True))
 
 
 def _split_op(op: Op, budget: int) -> list[Op]:
@@ -476,5 +476,5 @@ def _split_op(op: Op, budget: int) -> list[Op]:
     step = -(-len(op.args) // pieces_wanted)
     pieces: list[Op] = []
     for start in range(0, len(op.args), step):
-        pieces += _split_op(Op(op.alias, op.code, op.args[start : start + step]), budget)
+        pieces += _split_op(Op(op.location, op.code, op.args[start : start + step]), budget)
     return pieces

@@ -34,13 +34,13 @@ class LocMemStore:
     invalidated while a value was being computed, so that value is not stored (the fill race).
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, location: str) -> None:
+        self.location = location
         # The very dicts and lock LocMemCache keeps per name, so inherited methods see our writes.
         shared = vars(locmem)
-        self.cache: OrderedDict[str, bytes] = shared["_caches"].setdefault(name, OrderedDict())
-        self.expire_info: dict[str, float | None] = shared["_expire_info"].setdefault(name, {})
-        self.lock: threading.Lock = shared["_locks"].setdefault(name, threading.Lock())
+        self.cache: OrderedDict[str, bytes] = shared["_caches"].setdefault(location, OrderedDict())
+        self.expire_info: dict[str, float | None] = shared["_expire_info"].setdefault(location, {})
+        self.lock: threading.Lock = shared["_locks"].setdefault(location, threading.Lock())
         self._generation = 0
         self._open_fills = 0
         # Generation a fill began at -> how many fills that began then are still open.
@@ -307,16 +307,16 @@ _stores: dict[str, LocMemStore] = {}
 _stores_lock = threading.Lock()
 
 
-def get_store(name: str) -> LocMemStore:
-    store = _stores.get(name)
+def get_store(location: str) -> LocMemStore:
+    store = _stores.get(location)
     if store is None:
         with _stores_lock:
-            store = _stores.get(name)
+            store = _stores.get(location)
             if store is None:
-                store = _stores[name] = LocMemStore(name)
+                store = _stores[location] = LocMemStore(location)
                 node = process.current_node()
                 if node is not None:
-                    node.register_store(name, store)
+                    node.register_store(location, store)
     return store
 
 

@@ -101,13 +101,13 @@ def assert_value_published(
     cache: MeshCache, published: tuple[str, OpCode, Any], key: str, value: Any
 ) -> None:
     alias, code, (published_key, pickled) = published
-    assert (alias, code, published_key) == (cache._name, OpCode.DELETE_UNLESS, key)
+    assert (alias, code, published_key) == (cache._location, OpCode.DELETE_UNLESS, key)
     stored = cache._store.cache[key]
     assert pickled == stored
     assert pickle.loads(pickled) == value
     # What peers receive after coalescing: the digest of exactly the bytes we hold.
     assert coalesce([published], set()) == [
-        Op(cache._name, OpCode.DELETE_UNLESS, [[key, digest(stored)]])
+        Op(cache._location, OpCode.DELETE_UNLESS, [[key, digest(stored)]])
     ]
 
 

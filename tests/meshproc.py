@@ -120,16 +120,16 @@ def main() -> None:
             return mesh_node.get_node().ready
         if call == "stored":
             # What the store holds, without touching LRU order or expiry: for assertions.
-            store = get_store(caches[alias]._name)  # type: ignore[attr-defined]
+            store = get_store(caches[alias]._location)  # type: ignore[attr-defined]
             key = caches[alias].make_key(request["key"])
             return key in store.cache
         if call == "ttl":
             # Seconds left before the entry expires (None: never), as the store holds it.
-            store = get_store(caches[alias]._name)  # type: ignore[attr-defined]
+            store = get_store(caches[alias]._location)  # type: ignore[attr-defined]
             expiry = store.expire_info.get(caches[alias].make_key(request["key"]))
             return None if expiry is None else expiry - time.time()
         if call == "count":
-            store = get_store(caches[alias]._name)  # type: ignore[attr-defined]
+            store = get_store(caches[alias]._location)  # type: ignore[attr-defined]
             return len(store.cache)
         if call == "flood":
             cache = caches[alias]
@@ -157,7 +157,7 @@ def main() -> None:
         if call == "fill_local":
             # Store values in this process only, as if each had been filled from the database.
             cache = caches[alias]
-            store = get_store(cache._name)  # type: ignore[attr-defined]
+            store = get_store(cache._location)  # type: ignore[attr-defined]
             with store.lock:
                 for i in range(request["count"]):
                     key = cache.make_key(f"{request['prefix']}{i}")
@@ -167,7 +167,7 @@ def main() -> None:
         if call == "clear_local":
             # Forget everything in this process only: a clean slate between tests that
             # broadcasts nothing, so no late frame can evict the next test's values.
-            get_store(caches[alias]._name).flush()  # type: ignore[attr-defined]
+            get_store(caches[alias]._location).flush()  # type: ignore[attr-defined]
             return True
         if call == "peer_rows":
             from django_warpmesh.models import PeerRow

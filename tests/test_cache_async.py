@@ -398,7 +398,7 @@ def test_async_twins_publish_like_the_sync_api(node: RecordingNode, clock: Clock
         await cache.aclear()
 
     asyncio.run(mutate())
-    name = cache._name
+    name = cache._location
     assert [
         (alias, code, arg if code is not OpCode.DELETE_UNLESS else arg[0])
         for alias, code, arg in node.published
@@ -424,7 +424,7 @@ def test_aget_or_set_does_not_store_a_value_invalidated_while_computed(
     node: RecordingNode, clock: Clock
 ) -> None:
     cache = mesh()
-    compute = invalidating(cache, [Op(cache._name, OpCode.DELETE, [":1:k"])])
+    compute = invalidating(cache, [Op(cache._location, OpCode.DELETE, [":1:k"])])
     assert asyncio.run(cache.aget_or_set("k", compute)) == "computed"
     assert cache.has_key("k") is False
     assert node.published == []

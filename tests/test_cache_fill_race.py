@@ -46,7 +46,7 @@ def test_get_or_set_does_not_store_a_value_invalidated_while_computed(
     node: RecordingNode, clock: Clock, make_ops: Callable[[str], list[Op]]
 ) -> None:
     cache = mesh()
-    compute = invalidating(cache, make_ops(cache._name))
+    compute = invalidating(cache, make_ops(cache._location))
     assert cache.get_or_set("k", compute) == "computed"
     assert cache.has_key("k") is False
     assert node.published == []  # nothing stored, nothing to announce
@@ -76,9 +76,9 @@ def test_invalidating_another_key_does_not_block_the_fill(
     compute = invalidating(
         cache,
         [
-            Op(cache._name, OpCode.DELETE, [":1:other"]),
-            Op(cache._name, OpCode.DELETE, [":2:k"]),
-            Op(cache._name, OpCode.DELETE_UNLESS, [[":1:j", b"\x00" * 8]]),
+            Op(cache._location, OpCode.DELETE, [":1:other"]),
+            Op(cache._location, OpCode.DELETE, [":2:k"]),
+            Op(cache._location, OpCode.DELETE_UNLESS, [[":1:j", b"\x00" * 8]]),
         ],
     )
     assert cache.get_or_set("k", compute) == "computed"
@@ -88,9 +88,9 @@ def test_invalidating_another_key_does_not_block_the_fill(
 
 def test_invalidations_before_the_fill_do_not_block_it(node: RecordingNode, clock: Clock) -> None:
     cache = mesh()
-    cache._store.apply([Op(cache._name, OpCode.DELETE, [":1:k"])])
-    cache._store.apply([Op(cache._name, OpCode.CLEAR, None)])
-    cache._store.apply([Op(cache._name, OpCode.PATTERN, "*")])
+    cache._store.apply([Op(cache._location, OpCode.DELETE, [":1:k"])])
+    cache._store.apply([Op(cache._location, OpCode.CLEAR, None)])
+    cache._store.apply([Op(cache._location, OpCode.PATTERN, "*")])
     assert cache.get_or_set("k", lambda: "computed") == "computed"
     assert cache.get("k") == "computed"
 
@@ -99,7 +99,7 @@ def test_nested_fills_track_their_own_keys(node: RecordingNode, clock: Clock) ->
     cache = mesh()
 
     def inner() -> str:
-        cache._store.apply([Op(cache._name, OpCode.DELETE, [":1:outer"])])
+        cache._store.apply([Op(cache._location, OpCode.DELETE, [":1:outer"])])
         return "inner"
 
     def outer() -> str:
@@ -151,7 +151,7 @@ def test_an_invalidation_landing_while_the_value_is_pickled_is_not_missed(
     node: RecordingNode, clock: Clock, make_ops: Callable[[str], list[Op]]
 ) -> None:
     cache = mesh()
-    value = InvalidatedWhilePickled(cache, make_ops(cache._name))
+    value = InvalidatedWhilePickled(cache, make_ops(cache._location))
     assert cache.get_or_set("k", lambda: value, tags=["t"]) is value
     assert cache.has_key("k") is False
     assert node.published == []

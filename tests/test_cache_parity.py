@@ -111,7 +111,7 @@ def test_backends_with_distinct_locations_share_nothing() -> None:
     first, second = mesh(), mesh()
     first.set("k", 1)
     assert second.get("k") is None
-    same = MeshCache(first._name, {})
+    same = MeshCache(first._location, {})
     assert same.get("k") == 1
     assert same._store is first._store
     assert same._cache is first._store.cache
@@ -929,7 +929,7 @@ def test_delete_pattern(clock: Clock) -> None:
 
 def test_delete_pattern_escapes_the_prefix(clock: Clock) -> None:
     cache = mesh({"KEY_PREFIX": "p[1]*"})
-    other = MeshCache(cache._name, {"KEY_PREFIX": "p1x"})
+    other = MeshCache(cache._location, {"KEY_PREFIX": "p1x"})
     cache.set("k", 1)
     other.set("k", 2)
     assert cache.delete_pattern("*") == 1

@@ -104,7 +104,7 @@ def test_valid_non_ascii_keys_are_still_accepted(node: RecordingNode, clock: Clo
 
 def test_set_publishes_the_digest_of_the_stored_bytes(node: RecordingNode, clock: Clock) -> None:
     cache = mesh()
-    assert node.stores[cache._name] is cache._store  # the store was registered with the node
+    assert node.stores[cache._location] is cache._store  # the store was registered with the node
     cache.set("k", {"v": 1})
     (published,) = node.published
     assert_value_published(cache, published, ":1:k", {"v": 1})
@@ -177,8 +177,8 @@ def test_delete_publishes_the_full_key_even_when_absent(node: RecordingNode, clo
     assert cache.delete("k") is True
     assert cache.delete("absent", version=5) is False
     assert node.published == [
-        (cache._name, OpCode.DELETE, ["site:2:k"]),
-        (cache._name, OpCode.DELETE, ["site:5:absent"]),
+        (cache._location, OpCode.DELETE, ["site:2:k"]),
+        (cache._location, OpCode.DELETE, ["site:5:absent"]),
     ]
     assert node.stored_at_publish[0] == {}
 
@@ -191,8 +191,8 @@ def test_delete_many_publishes_one_delete(node: RecordingNode, clock: Clock) -> 
     cache.delete_many(["x"], version=9)
     cache.delete_many([])  # nothing to say
     assert node.published == [
-        (cache._name, OpCode.DELETE, [":1:a", ":1:b", ":1:absent"]),
-        (cache._name, OpCode.DELETE, [":9:x"]),
+        (cache._location, OpCode.DELETE, [":1:a", ":1:b", ":1:absent"]),
+        (cache._location, OpCode.DELETE, [":9:x"]),
     ]
 
 
@@ -201,7 +201,7 @@ def test_clear_publishes_clear(node: RecordingNode, clock: Clock) -> None:
     cache.set("k", 1)
     node.take()
     cache.clear()
-    assert node.published == [(cache._name, OpCode.CLEAR, None)]
+    assert node.published == [(cache._location, OpCode.CLEAR, None)]
     assert node.stored_at_publish == [{}]
 
 
@@ -214,8 +214,8 @@ def test_delete_pattern_publishes_the_full_escaped_pattern(
     assert cache.delete_pattern("user:*") == 1
     assert cache.delete_pattern("x?", version=3) == 0
     assert node.published == [
-        (cache._name, OpCode.PATTERN, "a[*]b:1:user:*"),
-        (cache._name, OpCode.PATTERN, "a[*]b:3:x?"),
+        (cache._location, OpCode.PATTERN, "a[*]b:1:user:*"),
+        (cache._location, OpCode.PATTERN, "a[*]b:3:x?"),
     ]
 
 
@@ -228,7 +228,7 @@ def test_incr_version_publishes_the_new_key_and_deletes_the_old(
     assert cache.incr_version("k") == 2
     stored, deleted = node.published
     assert_value_published(cache, stored, ":2:k", "v")
-    assert deleted == (cache._name, OpCode.DELETE, [":1:k"])
+    assert deleted == (cache._location, OpCode.DELETE, [":1:k"])
 
 
 def test_published_value_survives_on_a_peer_holding_the_same_bytes(
@@ -316,7 +316,7 @@ def test_every_write_sends_its_invalidation_itself(
     after releasing the store's lock."""
     cache = caches["default"]
     assert isinstance(cache, MeshCache)
-    node.register_store(cache._name, cache._store)
+    node.register_store(cache._location, cache._store)
     cache.set("n", 1)
     node.take()
     before = node.deliveries
@@ -373,7 +373,7 @@ def test_a_local_entry_is_still_evicted_by_the_peers_writes_and_its_tags(
     cache.set("k", 1.0, local=True)
     cache.set("tagged", 2.0, local=True, tags=["stamps"])
     # A peer's ordinary set of another value, and a tag invalidation, as the node applies them.
-    cache._store.apply([Op(cache._name, OpCode.DELETE_UNLESS, [[":1:k", digest(b"other")]])])
-    cache._store.apply([Op(cache._name, OpCode.TAGS, ["s:stamps"])])
+    cache._store.apply([Op(cache._location, OpCode.DELETE_UNLESS, [[":1:k", digest(b"other")]])])
+    cache._store.apply([Op(cache._location, OpCode.TAGS, ["s:stamps"])])
     assert cache.get("k") is None
     assert cache.get("tagged") is None

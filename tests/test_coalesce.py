@@ -135,7 +135,7 @@ def test_coalescing_is_never_weaker_than_the_queue_in_order(
         _apply(in_order, alias, code, args, dig=False)
     coalesced = dict(peer)
     for op in coalesce(queue, overflowed):
-        _apply(coalesced, op.alias, op.code, op.args, dig=True)
+        _apply(coalesced, op.location, op.code, op.args, dig=True)
     # Where the writer's last op on a key stored a value, a peer holding exactly it is not stale.
     last_written: dict[tuple[str, str], bytes] = {}
     for alias, code, args in queue:

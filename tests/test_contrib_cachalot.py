@@ -108,10 +108,10 @@ def test_a_result_read_while_its_table_was_invalidated_is_not_stored(
 ) -> None:
     mesh = cache()
     read(mesh, ["old"], PRODUCTS)
-    mesh._store.apply([Op(mesh._name, OpCode.TAGS, [tag])])  # the write, from a peer
+    mesh._store.apply([Op(mesh._location, OpCode.TAGS, [tag])])  # the write, from a peer
     # The next read misses, and another write lands while its query runs: it may have read
     # the rows before that write committed.
-    invalidate = [Op(mesh._name, OpCode.TAGS, [tag])]
+    invalidate = [Op(mesh._location, OpCode.TAGS, [tag])]
     result = read(mesh, ["maybe old"], PRODUCTS, during=lambda: mesh._store.apply(invalidate))
     assert result == ["maybe old"]
     # Its table key not stored (what is left of the first read cannot be served without it).
@@ -122,7 +122,7 @@ def test_a_result_read_while_its_table_was_invalidated_is_not_stored(
 
 def test_an_invalidation_of_another_table_does_not_block_the_fill(node: RecordingNode) -> None:
     mesh = cache()
-    elsewhere = [Op(mesh._name, OpCode.TAGS, [f"t:{CATEGORIES}", cachalot_tag(CATEGORIES)])]
+    elsewhere = [Op(mesh._location, OpCode.TAGS, [f"t:{CATEGORIES}", cachalot_tag(CATEGORIES)])]
     read(mesh, ["rows"], PRODUCTS, during=lambda: mesh._store.apply(elsewhere))
     assert read(mesh, "not asked", PRODUCTS) == ["rows"]
 
@@ -135,7 +135,7 @@ def test_cachalots_invalidation_reaches_every_process(node: RecordingNode) -> No
     _invalidate_tables(mesh, "default", [PRODUCTS])
     assert node.published == []  # the new times stay here, and are not even stored
     post_invalidation.send(PRODUCTS, db_alias="default")
-    assert (mesh._name, OpCode.TAGS, [cachalot_tag(PRODUCTS)]) in node.published
+    assert (mesh._location, OpCode.TAGS, [cachalot_tag(PRODUCTS)]) in node.published
     assert read(mesh, ["new"], PRODUCTS) == ["new"]
     assert read(mesh, "not asked", CATEGORIES) == ["categories"]
 
@@ -156,7 +156,7 @@ def test_a_committed_transaction_keeps_its_results_not_its_table_keys(
     # The times at which the transaction read cannot be checked against what arrived since.
     assert f":1:{table_key(CATEGORIES)}" not in held
     assert f":1:{table_key(PRODUCTS)}" not in held
-    assert (mesh._name, OpCode.TAGS, [cachalot_tag(PRODUCTS)]) in node.published
+    assert (mesh._location, OpCode.TAGS, [cachalot_tag(PRODUCTS)]) in node.published
     assert {code for _, code, _ in node.published} == {OpCode.TAGS}
     assert read(mesh, ["categories again"], CATEGORIES) == ["categories again"]
 

@@ -45,8 +45,8 @@ def test_overlapping_fills_in_a_threaded_worker_keep_the_bookkeeping_small() -> 
         begun[index].set()
         cache._store.apply(
             [
-                Op(cache._name, OpCode.DELETE, [f":1:gone-{index}"]),
-                Op(cache._name, OpCode.TAGS, [f"s:gone-{index}", f"r:table:{index}"]),
+                Op(cache._location, OpCode.DELETE, [f":1:gone-{index}"]),
+                Op(cache._location, OpCode.TAGS, [f"s:gone-{index}", f"r:table:{index}"]),
             ]
         )
         largest = max(largest, bookkeeping(cache))
@@ -84,8 +84,8 @@ def test_a_fill_that_never_ends_cannot_grow_the_bookkeeping_without_bound() -> N
     store = cache._store
     started_at = store.begin_fill()
     for index in range(3 * mesh_cache.MAX_FILL_NOTES):
-        store.apply([Op(cache._name, OpCode.DELETE, [f":1:gone-{index}"])])
-        store.apply([Op(cache._name, OpCode.TAGS, [f"s:gone-{index}"])])
+        store.apply([Op(cache._location, OpCode.DELETE, [f":1:gone-{index}"])])
+        store.apply([Op(cache._location, OpCode.TAGS, [f"s:gone-{index}"])])
     assert bookkeeping(cache) <= 2 * mesh_cache.MAX_FILL_NOTES
     # Having forgotten what it saw, it cannot know the fill is fresh: the value is not stored.
     assert store.end_fill(started_at, ":1:k") is False
@@ -134,8 +134,8 @@ def test_a_child_forked_while_a_fill_was_open_keeps_the_bookkeeping_small() -> N
         if child_pipe:  # the child, after its fill ended
             store = cache._store
             for index in range(2000):
-                store.apply([Op(cache._name, OpCode.DELETE, [f":1:gone-{index}"])])
-                store.apply([Op(cache._name, OpCode.TAGS, [f"s:gone-{index}"])])
+                store.apply([Op(cache._location, OpCode.DELETE, [f":1:gone-{index}"])])
+                store.apply([Op(cache._location, OpCode.TAGS, [f"s:gone-{index}"])])
             child_report = {
                 "value": value,
                 "stored": cache.has_key("spanning"),

@@ -76,7 +76,7 @@ class FakeNode:
     address = "127.0.0.1:7934"
     started_at = 0.0
 
-    def store_names(self) -> list[str]:
+    def store_locations(self) -> list[str]:
         return ["default"]
 
 

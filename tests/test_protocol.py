@@ -299,7 +299,7 @@ def test_equal_values_holding_sets_have_one_digest_whatever_the_hash_seed() -> N
     writer = seeds[0]
     keys = {name: here.make_key(f"value{index}") for index, name in enumerate(held)}
     unless = [[keys[name], bytes.fromhex(writer[name][1])] for name in held]
-    here._store.apply([Op(here._name, OpCode.DELETE_UNLESS, unless)])
+    here._store.apply([Op(here._location, OpCode.DELETE_UNLESS, unless)])
     for index, (name, value) in enumerate(digestproc.VALUES.items()):
         assert here.get(f"value{index}") == value, name
 
@@ -536,7 +536,7 @@ def test_signed_garbage_is_malformed_not_bad_mac(codec: Codec) -> None:
 
 
 def op_size(op: Op) -> int:
-    return len(pack([op.alias, int(op.code), op.args]))
+    return len(pack([op.location, int(op.code), op.args]))
 
 
 def flatten(groups: list[list[Op]]) -> list[tuple[str, OpCode, Any]]:
@@ -545,7 +545,7 @@ def flatten(groups: list[list[Op]]) -> list[tuple[str, OpCode, Any]]:
     for group in groups:
         for op in group:
             items = op.args if isinstance(op.args, list) else [op.args]
-            out.extend((op.alias, op.code, item) for item in items)
+            out.extend((op.location, op.code, item) for item in items)
     return out
 
 
@@ -574,7 +574,7 @@ def test_split_ops_splits_one_large_op_by_keys() -> None:
     assert flatten(groups) == [("default", OpCode.DELETE, key) for key in keys]
     for group in groups:
         assert sum(op_size(piece) for piece in group) <= budget
-        assert all(piece.alias == "default" and piece.code is OpCode.DELETE for piece in group)
+        assert all(piece.location == "default" and piece.code is OpCode.DELETE for piece in group)
 
 
 def test_split_ops_fills_its_frames() -> None:

@@ -28,5 +28,5 @@ def test_an_opcode_without_an_applier_fails_loudly(
     )
     store = get_store(f"test-store-{next(_names)}")
     with pytest.raises(KeyError):
-        store.apply([Op(store.name, code, None)])
+        store.apply([Op(store.location, code, None)])
     assert not store.lock.locked()

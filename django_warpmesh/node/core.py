@@ -338,26 +338,26 @@ class MeshNode:
     def relayed_sockets(self) -> list[socket.socket]:
         return self.hub.sockets() if self.hub is not None else []
 
-    def _relay_publish(self, alias: str, code: OpCode, arg: Any, source: Any) -> None:
+    def _relay_publish(self, location: str, code: OpCode, arg: Any, source: Any) -> None:
         # As a peer's invalidation for this process and its other children, then ours to send.
-        op = wire_op(alias, code, arg)
-        store = self.stores.get(alias)
+        op = wire_op(location, code, arg)
+        store = self.stores.get(location)
         if store is not None:
             store.apply([op])
         if self.hub is not None:
             self.hub.forward_ops([op], exclude=source)
-        self.sender.publish(alias, code, arg)
+        self.sender.publish(location, code, arg)
         self.sender.deliver()
 
     def _state_changed(self) -> None:
         if self.hub is not None:
             self.hub.forward_state(self.ready, self.max_timeout)
 
-    def register_store(self, name: str, store: Store) -> None:
+    def register_store(self, location: str, store: Store) -> None:
         with self.lock:
-            self.stores[name] = store
+            self.stores[location] = store
 
-    def store_names(self) -> list[str]:
+    def store_locations(self) -> list[str]:
         with self.lock:
             return list(self.stores)
 

@@ -48,13 +48,13 @@ class NullNode:
         self.max_timeout = max_timeout
         self.pid = os.getpid()
 
-    def register_store(self, name: str, store: Store) -> None:
+    def register_store(self, location: str, store: Store) -> None:
         pass
 
-    def store_names(self) -> list[str]:
+    def store_locations(self) -> list[str]:
         return []
 
-    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
+    def publish(self, location: str, code: OpCode, arg: Any) -> None:
         pass
 
     def deliver(self) -> None:

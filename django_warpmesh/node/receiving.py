@@ -172,7 +172,7 @@ class Receiver(NodePart):
         if self._node.guard._dropped:
             batch = self._node.guard._without_dropped(batch)
         now = self.clock()
-        by_alias: dict[str, list[Op]] = defaultdict(list)
+        by_location: dict[str, list[Op]] = defaultdict(list)
         flush = False
         recent = self._recent_tags
         for message in batch:
@@ -205,7 +205,7 @@ class Receiver(NodePart):
                 if message.source is not None:
                     self._node.guard._strike(message.source)
                 continue
-            fresh, flushing = self._accept(frame, message.source, now, by_alias)
+            fresh, flushing = self._accept(frame, message.source, now, by_location)
             flush |= flushing
             if fresh:
                 sender = self.table.peers.get(frame.origin)
@@ -216,12 +216,12 @@ class Receiver(NodePart):
                     recent.popitem(last=False)
         if flush:
             self._flush_all()
-        for alias, ops in by_alias.items():
-            store = self._node.stores.get(alias)
+        for location, ops in by_location.items():
+            store = self._node.stores.get(location)
             if store is not None:
                 store.apply(ops)
-        if self._node.hub is not None and by_alias:
-            self._node.hub.forward_ops([op for ops in by_alias.values() for op in ops])
+        if self._node.hub is not None and by_location:
+            self._node.hub.forward_ops([op for ops in by_location.values() for op in ops])
         if self._node.links.closing:
             self._node.links.close_parked_dialers()
 
@@ -231,7 +231,7 @@ class Receiver(NodePart):
         self.log.limited(f"reject:{reason}", "mesh: rejected a frame (%s)", reason)
 
     def _accept(
-        self, frame: Frame, pipe: Any, now: float, by_alias: dict[str, list[Op]]
+        self, frame: Frame, pipe: Any, now: float, by_location: dict[str, list[Op]]
     ) -> tuple[bool, bool]:
         """Check one verified frame; queue its ops. Returns whether it was fresh (not a copy
         or a replay) and whether caches must be flushed."""
@@ -279,7 +279,7 @@ class Receiver(NodePart):
         if not was_alive:
             peer.announce, peer.announce_heartbeats, peer.latency_ms = True, 0, None
         if kind is Kind.INVALIDATE:
-            flush |= self._track_invalidate(peer, frame.seq, now, by_alias, frame.body)
+            flush |= self._track_invalidate(peer, frame.seq, now, by_location, frame.body)
         else:
             verdict = table.track_seq(peer, frame.seq, self._node.ready, now)
             if verdict is not _NEXT:
@@ -292,7 +292,7 @@ class Receiver(NodePart):
         peer: Peer,
         seq: int,
         now: float,
-        by_alias: dict[str, list[Op]],
+        by_location: dict[str, list[Op]],
         ops: list[Op],
     ) -> bool:
         verdict = self.table.track_invalidate(peer, seq, self._node.ready, now)
@@ -306,7 +306,7 @@ class Receiver(NodePart):
         peer.invalidations_received += len(ops)
         for op in ops:
             self.counters.keys_received += len(op.args) if isinstance(op.args, list) else 1
-            by_alias[op.alias].append(op)
+            by_location[op.location].append(op)
         return flush
 
     def _gap(self, peer: Peer) -> bool:

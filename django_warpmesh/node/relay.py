@@ -11,8 +11,8 @@ the cache while loading the application. So at every fork of a process whose nod
 * what the parent receives from its peers goes down to every child, and so do its flushes and
   its state (ready, degraded cap).
 
-Messages are msgpack, each behind a 4-byte length. Up: ``[alias, code, arg]`` (a
-``publish()``), and ``[HELLO, pid]`` first. Down: ``[OPS, [[alias, code, args], ...]]``,
+Messages are msgpack, each behind a 4-byte length. Up: ``[location, code, arg]`` (a
+``publish()``), and ``[HELLO, pid]`` first. Down: ``[OPS, [[location, code, args], ...]]``,
 ``[FLUSH]``, ``[STATE, ready, max_timeout]``. The pair is private to the two processes: nothing
 else can write to it, so it needs no authentication.
 """
@@ -54,12 +54,12 @@ def encode(message: Sequence[Any]) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def wire_op(alias: str, code: OpCode, arg: Any) -> Op:
-    """What ``publish(alias, code, arg)`` means to a store that receives it."""
+def wire_op(location: str, code: OpCode, arg: Any) -> Op:
+    """What ``publish(location, code, arg)`` means to a store that receives it."""
     if code is OpCode.DELETE_UNLESS:
         key, stored = arg
-        return Op(alias, code, [[key, protocol.digest(stored)]])
-    return Op(alias, code, arg)
+        return Op(location, code, [[key, protocol.digest(stored)]])
+    return Op(location, code, arg)
 
 
 class _Reader:
@@ -275,8 +275,8 @@ class RelayHub:
                 if message[0] == HELLO:
                     link.pid = int(message[1])
                     continue
-                alias, code, arg = message
-                self._publish(str(alias), OpCode(code), arg, link)
+                location, code, arg = message
+                self._publish(str(location), OpCode(code), arg, link)
             except Exception:
                 logger.exception("mesh: a forked child sent what cannot be relayed (dropped)")
 
@@ -316,21 +316,21 @@ class RelayedNode:
         self._thread = threading.Thread(target=self._run, name="warpmesh-relayed", daemon=True)
         self._thread.start()
 
-    def register_store(self, name: str, store: Store) -> None:
+    def register_store(self, location: str, store: Store) -> None:
         with self._lock:
-            self._stores[name] = store
+            self._stores[location] = store
 
-    def store_names(self) -> list[str]:
+    def store_locations(self) -> list[str]:
         with self._lock:
             return list(self._stores)
 
-    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
+    def publish(self, location: str, code: OpCode, arg: Any) -> None:
         """Hand one invalidation to the parent: a local socket write, never a wait."""
         if self._gone:
             return
         if code is OpCode.DELETE_UNLESS:
             arg = list(arg)
-        self._link.write(encode([alias, int(code), arg]))
+        self._link.write(encode([location, int(code), arg]))
         self.invalidations_sent += 1
 
     def deliver(self) -> None:
@@ -391,14 +391,14 @@ class RelayedNode:
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]
         if kind == OPS:
-            by_alias: dict[str, list[Op]] = {}
-            for alias, code, args in message[1]:
-                by_alias.setdefault(alias, []).append(Op(alias, OpCode(code), args))
+            by_location: dict[str, list[Op]] = {}
+            for location, code, args in message[1]:
+                by_location.setdefault(location, []).append(Op(location, OpCode(code), args))
             with self._lock:
                 stores = dict(self._stores)
-            for alias, ops in by_alias.items():
+            for location, ops in by_location.items():
                 self.invalidations_received += len(ops)
-                store = stores.get(alias)
+                store = stores.get(location)
                 if store is not None:
                     store.apply(ops)
         elif kind == FLUSH:

@@ -82,7 +82,7 @@ class Sender(NodePart):
         self._heartbeat_now.set()
         self._wake.set()
 
-    def publish(self, alias: str, code: OpCode, arg: Any) -> None:
+    def publish(self, location: str, code: OpCode, arg: Any) -> None:
         """Queue one invalidation. Never blocks on the network, never raises.
 
         Caches call it holding their store's lock, so that ops are queued in the order the store
@@ -93,10 +93,10 @@ class Sender(NodePart):
         with self.lock:
             queue = self._queue
             if len(queue) >= self.config.queue_size:
-                self._overflowed.add(alias)
+                self._overflowed.add(location)
                 self.counters.queue_overflows += 1
                 return
-            queue.append((alias, code, arg))
+            queue.append((location, code, arg))
 
     def deliver(self) -> None:
         """Send what is queued now, on the calling (writing) thread. Never blocks, never raises.
@@ -203,12 +203,14 @@ class Sender(NodePart):
                 # cache, what can be split is sent as usual; the rest goes whole to
                 # _send_invalidate, which sends a CLEAR of that cache instead.
                 chunks = []
-                for alias in dict.fromkeys([*overflowed, *(entry[0] for entry in queue)]):
+                for location in dict.fromkeys([*overflowed, *(entry[0] for entry in queue)]):
                     try:
-                        ops = coalesce([e for e in queue if e[0] == alias], overflowed & {alias})
+                        ops = coalesce(
+                            [e for e in queue if e[0] == location], overflowed & {location}
+                        )
                     except Exception:
                         self.log.once("coalesce", "mesh: cannot coalesce invalidations; clearing")
-                        ops = [Op(alias, OpCode.CLEAR, None)]
+                        ops = [Op(location, OpCode.CLEAR, None)]
                     try:
                         chunks += protocol.split_ops(ops, budget)
                     except Exception:
@@ -260,8 +262,8 @@ class Sender(NodePart):
                     "mesh: cannot encode an invalidation (%r); peers clear that cache instead",
                     exc,
                 )
-            aliases = dict.fromkeys(op.alias for op in ops)
-            clear = [Op(alias, OpCode.CLEAR, None) for alias in aliases]
+            locations = dict.fromkeys(op.location for op in ops)
+            clear = [Op(location, OpCode.CLEAR, None) for location in locations]
             try:
                 data = self._node.codec.encode(frame._replace(body=protocol.ops_body(clear)))
             except Exception:
