@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import abc
 import collections
-import contextlib
 import hashlib
-import os
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
+
+from django_warpmesh.node.transports.wakeup import WakePipe
 
 
 class TransportError(Exception):
@@ -88,15 +88,14 @@ class FrameInbox:
         self.dropped = 0
         self._frames: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._signalled = False
+        # Woken and cleared under _lock, with the frames it signals: readable exactly while
+        # frames wait.
+        self._waiting = WakePipe()
         self._closed = False
 
     @property
     def fd(self) -> int:
-        return self._read_fd
+        return self._waiting.fd
 
     def put(self, data: bytes) -> bool:
         """Queue one received frame (on the transport's thread); False if it was dropped."""
@@ -105,11 +104,7 @@ class FrameInbox:
                 self.dropped += 1
                 return False
             self._frames.append(data)
-            if self._signalled:
-                return True
-            self._signalled = True
-        with contextlib.suppress(OSError):  # already readable, or closed
-            os.write(self._write_fd, b"\0")
+            self._waiting.wake()
         return True
 
     def take(self, limit: int) -> list[bytes]:
@@ -118,10 +113,8 @@ class FrameInbox:
             frames = self._frames
             count = min(limit, len(frames))
             taken = [frames.popleft() for _ in range(count)]
-            if not frames and self._signalled:
-                self._signalled = False
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.read(self._read_fd, 4096)
+            if not frames:
+                self._waiting.clear()
             return taken
 
     def __len__(self) -> int:
@@ -133,9 +126,7 @@ class FrameInbox:
                 return
             self._closed = True
             self._frames.clear()
-        for fd in (self._read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._waiting.close()
 
 
 class BrokerTransport(abc.ABC):

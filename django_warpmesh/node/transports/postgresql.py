@@ -56,7 +56,6 @@ import binascii
 import collections
 import contextlib
 import logging
-import os
 import random
 import re
 import secrets
@@ -68,6 +67,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from django_warpmesh.node.transports.base import BrokerTransport, TransportError, TransportEvents
+from django_warpmesh.node.transports.wakeup import WakePipe
 
 if TYPE_CHECKING:
     import psycopg
@@ -181,49 +181,6 @@ def _conninfo(conninfo: str, application_name: str, settings: dict[str, str]) ->
     return make_conninfo("", **params)
 
 
-class _Waker:
-    """A pipe that makes a thread's ``poll`` return. Written once until the thread clears it, so
-    a run of sends costs one write, not one each."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._pending = False
-        self._closed = False
-
-    @property
-    def fd(self) -> int:
-        return self._read_fd
-
-    def wake(self) -> None:
-        with self._lock:
-            # Checked under the lock: once closed, the fd numbers may belong to someone else.
-            if self._pending or self._closed:
-                return
-            self._pending = True
-            with contextlib.suppress(OSError):
-                os.write(self._write_fd, b"\0")
-
-    def clear(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._pending = False
-            with contextlib.suppress(OSError):
-                os.read(self._read_fd, 4096)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for fd in (self._read_fd, self._write_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-
 class _Renew(Exception):
     """The other connection failed: this one, opened before that loss, is replaced too."""
 
@@ -296,8 +253,8 @@ class PostgresTransport(BrokerTransport):
         self._flush_deadline = 0.0
         self._listen_thread: threading.Thread | None = None
         self._notify_thread: threading.Thread | None = None
-        self._listen_waker = _Waker()
-        self._notify_waker = _Waker()
+        self._listen_waker = WakePipe()
+        self._notify_waker = WakePipe()
         self.listen_pid: int | None = None  # backend pids, to find them in pg_stat_activity
         self.notify_pid: int | None = None
 
