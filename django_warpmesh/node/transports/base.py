@@ -17,11 +17,19 @@ from __future__ import annotations
 import abc
 import collections
 import hashlib
+import logging
+import random
+import re
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from django_warpmesh.node.transports.wakeup import WakePipe
+
+logger = logging.getLogger("django_warpmesh")
+
+# The user (and password) part of a URL: "//user:password@host".
+_USERINFO = re.compile(r"(?<=//)[^/@]*@")
 
 
 class TransportError(Exception):
@@ -149,6 +157,7 @@ class BrokerTransport(abc.ABC):
         self.connects = 0  # successful connections, the first included
         self.disconnects = 0
         self.last_error: str | None = None
+        self._events: TransportEvents | None = None  # set by start()
 
     @abc.abstractmethod
     def start(self, events: TransportEvents) -> None:
@@ -198,9 +207,40 @@ class BrokerTransport(abc.ABC):
             "inbox_dropped": self.inbox.dropped,
         }
 
+    def _tell_node(self, call: Callable[[TransportEvents], None]) -> None:
+        """Call one of the node's event handlers, on the transport's thread."""
+        if self._events is None:
+            return
+        try:
+            call(self._events)
+        except Exception:
+            # The node's handler failing must not kill the thread that keeps the link up.
+            logger.exception("mesh: the node failed handling a %s transport event", self.name)
+
 
 def channel_name(key: bytes, prefix: str = "warpmesh") -> str:
     """A subject/channel per mesh, derived from (never revealing) its frame key: processes of
     other projects on the same broker use another one, and never see our frames."""
     fingerprint = hashlib.blake2b(key, digest_size=6, person=b"warpmesh-chan").hexdigest()
     return f"{prefix}_{fingerprint}"
+
+
+def retry_delay(failures: int, first: float, cap: float) -> float:
+    """How long to wait after ``failures`` connection attempts failed in a row: ``first``,
+    doubling up to ``cap``, each times a random 0.5-1, so that the processes that lost the server
+    together do not all come back in the same instant."""
+    # The exponent capped too: a server down for hours must not overflow the float (2.0 ** 1024).
+    doublings = min(max(failures - 1, 0), 64)
+    return min(cap, first * 2.0**doublings) * random.uniform(0.5, 1.0)
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of any URL in it replaced by ``***@``."""
+    return _USERINFO.sub("***@", text)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error as ``last_error`` and the logs show it: one line (a server's messages run over
+    several), no password of a URL it quotes, the exception's type if it says nothing."""
+    lines = str(exc).strip().splitlines()
+    return redact_userinfo(lines[0]) if lines else type(exc).__name__

@@ -34,7 +34,6 @@ import dataclasses
 import logging
 import os
 import random
-import re
 import secrets
 import threading
 import time
@@ -47,6 +46,9 @@ from django_warpmesh.node.transports.base import (
     BrokerTransport,
     TransportError,
     TransportEvents,
+    error_line,
+    redact_userinfo,
+    retry_delay,
 )
 
 if TYPE_CHECKING:
@@ -91,13 +93,6 @@ BACKOFF_MAX = 2.0
 # How much of close()'s timeout is kept for the thread to stop once its connection is closed.
 STOP_MARGIN = 0.1
 
-_USERINFO = re.compile(r"(?<=//)[^/@]*@")
-
-
-def _redact(text: str) -> str:
-    """``text`` with any ``user:password@`` of a URL in it replaced (for error messages)."""
-    return _USERINFO.sub("***@", text)
-
 
 def _shown_url(parts: SplitResult | ParseResult) -> str:
     """A server's URL as stats show it: the password, or a token, replaced by ``***``."""
@@ -123,14 +118,14 @@ def parse_url(url: str) -> tuple[list[str], str]:
     shown: list[str] = []
     for raw in url.split(","):
         server = raw.strip()
-        where = f"bad NATS URL {_redact(url)!r}"
+        where = f"bad NATS URL {redact_userinfo(url)!r}"
         if not server:
             raise TransportError(f"{where}: an empty server between commas")
         try:
             parts = urlsplit(server)
             port = parts.port
         except ValueError as exc:
-            raise TransportError(f"{where}: {_redact(str(exc))}")
+            raise TransportError(f"{where}: {redact_userinfo(str(exc))}")
         if parts.scheme not in ("nats", "tls"):
             raise TransportError(f"{where}: each server must start with nats:// or tls://")
         if not parts.hostname:
@@ -166,16 +161,6 @@ def _import_nats() -> None:
         )
 
 
-def _why(exc: BaseException) -> str:
-    text = str(exc)
-    return _redact(text) if text else type(exc).__name__
-
-
-def _backoff(failures: int) -> float:
-    delay: float = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** (failures - 1))
-    return delay * random.uniform(0.5, 1.0)
-
-
 @dataclasses.dataclass
 class _Session:
     """One nats-py client, from its connection attempt to its end."""
@@ -207,7 +192,6 @@ class NatsTransport(BrokerTransport):
         self.ping_timeout = PING_TIMEOUT
         self._servers = servers
         self._log = EventLog(time.monotonic)
-        self._events: TransportEvents | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -363,7 +347,7 @@ class NatsTransport(BrokerTransport):
             except Exception as exc:  # a bug of ours or nats-py's: keep trying all the same
                 if not failures:
                     logger.exception("mesh: unexpected error connecting to NATS")
-                session, self.last_error = None, _why(exc)
+                session, self.last_error = None, error_line(exc)
             if session is None:
                 if self._stop.is_set():
                     return
@@ -375,7 +359,7 @@ class NatsTransport(BrokerTransport):
                         self.url,
                         self.last_error,
                     )
-                await self._pause(_backoff(failures))
+                await self._pause(retry_delay(failures, BACKOFF_FIRST, BACKOFF_MAX))
                 continue
             failures = 0
             await self._connected(session)
@@ -408,7 +392,7 @@ class NatsTransport(BrokerTransport):
             return session
         else:
             # nats-py ends with "no servers available": the error before it says why.
-            self.last_error = session.error or _why(exc)
+            self.last_error = session.error or error_line(exc)
         await self._discard(session.client, self._time_left() if self._stop.is_set() else 1.0)
         return None
 
@@ -416,7 +400,7 @@ class NatsTransport(BrokerTransport):
         client = session.client
 
         async def on_error(exc: Exception) -> None:
-            session.error = self.last_error = _why(exc)
+            session.error = self.last_error = error_line(exc)
             if type(exc).__name__ == "SlowConsumerError":
                 self._log.limited("slow", "mesh: NATS dropped frames we read too slowly")
 
@@ -491,7 +475,7 @@ class NatsTransport(BrokerTransport):
                 self.server,
                 time.monotonic() - self._lost_at,
             )
-        self._notify(lambda events: events.transport_connected())
+        self._tell_node(lambda events: events.transport_connected())
         publisher = asyncio.ensure_future(self._publish(client))
         waits = {
             publisher,
@@ -519,22 +503,16 @@ class NatsTransport(BrokerTransport):
         failure = publisher.exception() if publisher.done() and not publisher.cancelled() else None
         if failure is not None:
             logger.error("mesh: NATS publishing failed", exc_info=failure)
-            session.error = f"internal error: {_why(failure)}"
-        reason = session.error or _why(client.last_error or ConnectionError("connection closed"))
+            session.error = f"internal error: {error_line(failure)}"
+        reason = session.error or error_line(
+            client.last_error or ConnectionError("connection closed")
+        )
         self.last_error = reason
         self.rtt = None
         server, self.server = self.server, None
         logger.warning("mesh: lost the NATS server %s (%s); reconnecting", server, reason)
-        self._notify(lambda events: events.transport_lost(reason))
+        self._tell_node(lambda events: events.transport_lost(reason))
         await self._discard(client, 1.0)
-
-    def _notify(self, call: Callable[[TransportEvents], None]) -> None:
-        if self._events is None:
-            return
-        try:
-            call(self._events)
-        except Exception:
-            logger.exception("mesh: the node failed handling a NATS transport event")
 
     async def _watch(self, session: _Session) -> None:
         """Pings the server every ``ping_interval`` seconds; returns, the connection declared
@@ -551,7 +529,7 @@ class NatsTransport(BrokerTransport):
                 # A client closed already was lost for a reason of nats-py's: the better one.
                 if not session.lost.is_set() and not session.client.is_closed:
                     session.error = f"no answer to a ping within {self.ping_timeout:g} s"
-                logger.debug("mesh: NATS ping failed: %s", _why(exc))
+                logger.debug("mesh: NATS ping failed: %s", error_line(exc))
                 return
             self.rtt = time.monotonic() - started
 

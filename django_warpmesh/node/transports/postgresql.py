@@ -56,7 +56,6 @@ import binascii
 import collections
 import contextlib
 import logging
-import random
 import re
 import secrets
 import select
@@ -66,7 +65,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from django_warpmesh.node.transports.base import BrokerTransport, TransportError, TransportEvents
+from django_warpmesh.node.transports.base import (
+    BrokerTransport,
+    TransportError,
+    TransportEvents,
+    error_line,
+    retry_delay,
+)
 from django_warpmesh.node.transports.wakeup import WakePipe
 
 if TYPE_CHECKING:
@@ -92,8 +97,8 @@ DEFAULT_SEND_CAPACITY = 8192
 MAX_BURST_FRAMES = 1000
 MAX_BURST_CHARS = 1 << 20
 
-# Reconnection backoff after a failed connection: doubles from the first to the cap, jittered
-# so processes that lost the server together do not all come back in the same instant.
+# Reconnection backoff after a failed connection (see retry_delay): from the first, doubling up
+# to the cap.
 RETRY_MIN = 0.1
 RETRY_MAX = 5.0
 
@@ -145,12 +150,6 @@ def _decode(payload: bytes) -> bytes | None:
     if len(payload) != -(-len(data) // 3) * 4:
         return None
     return data
-
-
-def _reason(exc: BaseException) -> str:
-    """One line for logs and ``last_error``: psycopg's messages run over several lines."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _conninfo(conninfo: str, application_name: str, settings: dict[str, str]) -> str:
@@ -237,7 +236,6 @@ class PostgresTransport(BrokerTransport):
 
         # Connection state; the lock also keeps connected/lost events in the order they happen.
         self._event_lock = threading.Lock()
-        self._events: TransportEvents | None = None
         self._up: set[str] = set()
         # Bumped by each failure of a current connection. A connection opened before the latest
         # loss may have died in the same event without knowing it yet: "connected" is declared
@@ -406,7 +404,7 @@ class PostgresTransport(BrokerTransport):
                     self.url,
                     self.disconnects,
                 )
-            self._emit(lambda events: events.transport_connected())
+            self._tell_node(lambda events: events.transport_connected())
 
     def _role_down(self, role: str, reason: str, epoch: int | None) -> None:
         """``role``'s connection failed (``epoch``: when it was opened; None if it never was)."""
@@ -430,7 +428,9 @@ class PostgresTransport(BrokerTransport):
                     self.url,
                     reason,
                 )
-                self._emit(lambda events: events.transport_lost(f"postgresql {role}: {reason}"))
+                self._tell_node(
+                    lambda events: events.transport_lost(f"postgresql {role}: {reason}")
+                )
             elif not self._failure_logged:
                 self._failure_logged = True
                 logger.warning(
@@ -446,19 +446,6 @@ class PostgresTransport(BrokerTransport):
     def _check_current(self, epoch: int) -> None:
         if epoch != self._epoch:
             raise _Renew
-
-    def _emit(self, call: Callable[[TransportEvents], None]) -> None:
-        if self._events is None:
-            return
-        try:
-            call(self._events)
-        except Exception:
-            # The node's handler failing must not kill the thread that keeps the link up.
-            logger.exception("mesh: postgresql transport event handler failed")
-
-    def _backoff(self, delay: float, until: threading.Event) -> float:
-        until.wait(random.uniform(delay / 2, delay))
-        return min(delay * 2, RETRY_MAX)
 
     def _connect(self, conninfo: str) -> psycopg.Connection[Any]:
         import psycopg
@@ -479,7 +466,7 @@ class PostgresTransport(BrokerTransport):
     def _run_listener(self) -> None:
         from psycopg import sql
 
-        delay = RETRY_MIN
+        failures = 0  # in a row
         try:
             while not self._stopping.is_set():
                 conn = None
@@ -496,7 +483,7 @@ class PostgresTransport(BrokerTransport):
                     self._listen_reply(conn)
                     self.listen_pid = conn.info.backend_pid
                     self._role_up("listen", epoch)
-                    delay = RETRY_MIN
+                    failures = 0
                     self._pump_notifications(conn, epoch)
                     with contextlib.suppress(Exception):
                         conn.execute("UNLISTEN *")
@@ -505,8 +492,9 @@ class PostgresTransport(BrokerTransport):
                 except Exception as exc:
                     if self._stopping.is_set():
                         break
-                    self._role_down("listen", _reason(exc), epoch)
-                    delay = self._backoff(delay, self._stopping)
+                    self._role_down("listen", error_line(exc), epoch)
+                    failures += 1
+                    self._stopping.wait(retry_delay(failures, RETRY_MIN, RETRY_MAX))
                 finally:
                     self.listen_pid = None
                     if conn is not None:
@@ -660,7 +648,7 @@ class PostgresTransport(BrokerTransport):
             self._in_flight = 0
 
     def _run_notifier(self) -> None:
-        delay = RETRY_MIN
+        failures = 0  # in a row
         try:
             while not self._closing.is_set():
                 conn = None
@@ -671,7 +659,7 @@ class PostgresTransport(BrokerTransport):
                     epoch = opening
                     self.notify_pid = conn.info.backend_pid
                     self._role_up("notify", epoch)
-                    delay = RETRY_MIN
+                    failures = 0
                     self._pump_bursts(conn, epoch)
                     return
                 except _Renew:
@@ -680,9 +668,10 @@ class PostgresTransport(BrokerTransport):
                     if self._closing.is_set():
                         break
                     # Down first, so send() refuses before the queue is emptied.
-                    self._role_down("notify", _reason(exc), epoch)
+                    self._role_down("notify", error_line(exc), epoch)
                     self._drop_queue()
-                    delay = self._backoff(delay, self._closing)
+                    failures += 1
+                    self._closing.wait(retry_delay(failures, RETRY_MIN, RETRY_MAX))
                 finally:
                     self.notify_pid = None
                     if conn is not None:
@@ -733,13 +722,13 @@ class PostgresTransport(BrokerTransport):
             with self._queue_lock:
                 self._in_flight = 0
                 self.send_failed += len(burst)
-            self.last_error = f"notify: {_reason(exc)}"
+            self.last_error = f"notify: {error_line(exc)}"
             if not self._send_failure_logged:
                 self._send_failure_logged = True
                 logger.warning(
                     "mesh: postgresql transport could not publish %d frame(s): %s",
                     len(burst),
-                    _reason(exc),
+                    error_line(exc),
                 )
             return
         with self._queue_lock:
