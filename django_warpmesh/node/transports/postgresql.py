@@ -19,13 +19,8 @@ Two connections, both autocommit, each with a daemon thread of its own:
   serialising on that lock. While the sender is idle a frame goes out at once, alone; under load
   frames pile up behind the statement in flight and go out together in the next.
 
-Payloads: a ``NOTIFY`` payload is text, shorter than 8000 bytes (``BLCKSZ - NAMEDATALEN - 128``
-with the default 8 kB pages), that must be valid in the server's encoding and has no NUL byte.
-Frames are bytes, so they are sent as standard base64: ASCII only, which every server encoding
-(all are ASCII supersets) stores byte for byte. Denser ASCII encodings exist (base85 carries
-6399 bytes a payload instead of 5997), but Python's base85 is pure Python, several hundred times
-slower than :mod:`binascii`'s base64 (milliseconds a 4 kB frame, on the sending thread of every
-cache write), for 7 % more room no default frame needs.
+Payloads: a ``NOTIFY`` payload is text, shorter than 8000 bytes; frames go as base64, stats
+replies cut into chunks (:mod:`.postgresql_payloads`).
 
 Ordering: frames sent through one transport reach every listener in the order they were sent
 (one sender session; notifications of a transaction are delivered in order, transactions in
@@ -51,15 +46,12 @@ without the extra installed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import contextlib
 import logging
 import re
 import secrets
 import select
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -72,19 +64,24 @@ from django_warpmesh.node.transports.base import (
     error_line,
     retry_delay,
 )
+from django_warpmesh.node.transports.postgresql_payloads import (
+    MAX_FRAME_BYTES,
+    MAX_REPLY_BYTES,
+    MalformedPayload,
+    ReplyAssembler,
+    decode_payload,
+    encode_payload,
+    reply_payloads,
+)
 from django_warpmesh.node.transports.wakeup import WakePipe
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg import pq
 
-logger = logging.getLogger("django_warpmesh")
+__all__ = ["MAX_FRAME_BYTES", "PostgresTransport"]
 
-# A payload must be shorter than NOTIFY_PAYLOAD_MAX_LENGTH (8000 bytes with PostgreSQL's default
-# 8 kB pages; a server built with smaller pages would refuse frames near the limit).
-PAYLOAD_LIMIT = 7999
-# The largest frame whose base64 (4 characters per 3 bytes, padded) fits in one payload: 5997.
-MAX_FRAME_BYTES = PAYLOAD_LIMIT // 4 * 3
+logger = logging.getLogger("django_warpmesh")
 
 # A channel is an identifier: at most NAMEDATALEN - 1 bytes. Lower case only, so the quoted name
 # LISTEN uses and the string pg_notify takes are the same channel.
@@ -117,39 +114,10 @@ CONNECTION_DEFAULTS: dict[str, Any] = {
 }
 TCP_USER_TIMEOUT_MS = 20_000
 
-# Stats replies (mesh_status): at most 1 MiB each, cut into chunks that each fit one payload
-# behind a header "<16 hex id>:<index>:<count>:" (at most 31 characters).
-MAX_REPLY_BYTES = 1 << 20
-REPLY_HEADER_CHARS = 32
-REPLY_CHUNK_BYTES = (PAYLOAD_LIMIT - REPLY_HEADER_CHARS) // 4 * 3
-MAX_REPLY_CHUNKS = -(-MAX_REPLY_BYTES // REPLY_CHUNK_BYTES)
-# Replies being reassembled at once, at most, and how long an incomplete one is kept.
-MAX_OPEN_REPLIES = 8
-REPLY_TIMEOUT = 10.0
 # How long open_reply_inbox waits for the listener to have run LISTEN on the reply channel.
 REPLY_LISTEN_WAIT = 2.0
-REPLY_ID_RE = re.compile(rb"[0-9a-f]{16}")
 
 NOTIFY_SQL = "SELECT pg_notify(c, p) FROM unnest(%b::text[], %b::text[]) AS t(c, p)"
-
-
-def _encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _decode(payload: bytes) -> bytes | None:
-    """The bytes a payload carries, or None if it is not base64 as :func:`_encode` writes it."""
-    try:
-        if sys.version_info >= (3, 11):
-            data = binascii.a2b_base64(payload, strict_mode=True)
-        else:
-            data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    # Both accept padding past a complete group ("QUJD=" is b"ABC"): only the canonical length.
-    if len(payload) != -(-len(data) // 3) * 4:
-        return None
-    return data
 
 
 def _conninfo(conninfo: str, application_name: str, settings: dict[str, str]) -> str:
@@ -182,18 +150,6 @@ def _conninfo(conninfo: str, application_name: str, settings: dict[str, str]) ->
 
 class _Renew(Exception):
     """The other connection failed: this one, opened before that loss, is replaced too."""
-
-
-class _PartialReply:
-    """A stats reply whose chunks are still arriving."""
-
-    __slots__ = ("chunks", "count", "size", "started")
-
-    def __init__(self, count: int, started: float) -> None:
-        self.count = count
-        self.started = started
-        self.size = 0
-        self.chunks: dict[int, bytes] = {}
 
 
 class PostgresTransport(BrokerTransport):
@@ -275,9 +231,7 @@ class PostgresTransport(BrokerTransport):
         self._on_reply: Callable[[bytes], None] | None = None
         self._listening_reply: str | None = None  # on the listener's current connection
         self._reply_listening = threading.Event()
-        self._partial: dict[bytes, _PartialReply] = {}
-        self.replies_received = 0
-        self.replies_dropped = 0
+        self._replies = ReplyAssembler()
 
     # -- the node's side ----------------------------------------------------------------------
 
@@ -301,7 +255,7 @@ class PostgresTransport(BrokerTransport):
             with self._queue_lock:
                 self.send_refused += 1
             return False
-        return self._enqueue(((self.channel, _encode(data)),))
+        return self._enqueue(((self.channel, encode_payload(data)),))
 
     def open_reply_inbox(self, on_reply: Callable[[bytes], None]) -> str:
         """LISTEN on a channel of this node's own (``<channel>_r_<random hex>``); when connected,
@@ -323,15 +277,7 @@ class PostgresTransport(BrokerTransport):
     def send_reply(self, address: str, data: bytes) -> bool:
         if not CHANNEL_RE.fullmatch(address) or len(data) > MAX_REPLY_BYTES:
             return False
-        reply_id = secrets.token_hex(8)
-        # An empty reply is still one chunk: the inbox learns it arrived.
-        chunks = [data[i : i + REPLY_CHUNK_BYTES] for i in range(0, len(data), REPLY_CHUNK_BYTES)]
-        chunks = chunks or [b""]
-        count = len(chunks)
-        return self._enqueue(
-            (address, f"{reply_id}:{index}:{count}:{_encode(chunk)}")
-            for index, chunk in enumerate(chunks)
-        )
+        return self._enqueue((address, payload) for payload in reply_payloads(data))
 
     def close(self, timeout: float) -> None:
         with self._close_lock:
@@ -357,6 +303,14 @@ class PostgresTransport(BrokerTransport):
         self.connected = False
         self.inbox.close()
 
+    @property
+    def replies_received(self) -> int:
+        return self._replies.received
+
+    @property
+    def replies_dropped(self) -> int:
+        return self._replies.dropped
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update(
@@ -375,8 +329,8 @@ class PostgresTransport(BrokerTransport):
             send_failed=self.send_failed,
             malformed_received=self.malformed,
             reply_inbox=self._reply_channel,
-            replies_received=self.replies_received,
-            replies_dropped=self.replies_dropped,
+            replies_received=self._replies.received,
+            replies_dropped=self._replies.dropped,
             listen_pid=self.listen_pid,
             notify_pid=self.notify_pid,
         )
@@ -526,7 +480,7 @@ class PostgresTransport(BrokerTransport):
             while (notify := pgconn.notifies()) is not None:
                 self._on_notify(notify)
             # Only a reply being reassembled needs a clock (to expire it).
-            ready = poller.poll(1000 if self._partial else None)
+            ready = poller.poll(1000 if self._replies.pending else None)
             if self._stopping.is_set():
                 return
             for fd, _ in ready:
@@ -538,12 +492,12 @@ class PostgresTransport(BrokerTransport):
                 pgconn.consume_input()  # raises when the server hung up
                 if pgconn.status != pq.ConnStatus.OK:
                     raise OperationalError("the connection is no longer usable")
-            if self._partial:
-                self._expire_replies(time.monotonic())
+            if self._replies.pending:
+                self._replies.expire(time.monotonic())
 
     def _on_notify(self, notify: pq.PGnotify) -> None:
         if notify.relname == self._channel_bytes:
-            data = _decode(notify.extra)
+            data = decode_payload(notify.extra)
             if not data:
                 self.malformed += 1
                 return
@@ -554,64 +508,18 @@ class PostgresTransport(BrokerTransport):
     # -- stats replies, on the listener thread ------------------------------------------------
 
     def _on_reply_chunk(self, payload: bytes) -> None:
-        fields = payload.split(b":", 3)
-        if len(fields) != 4:
+        try:
+            reply = self._replies.add(payload, time.monotonic())
+        except MalformedPayload:
             self.malformed += 1
             return
-        reply_id, index_text, count_text, body = fields
-        chunk = _decode(body) if body else b""
-        if (
-            chunk is None
-            or not REPLY_ID_RE.fullmatch(reply_id)
-            or not (index_text.isdigit() and count_text.isdigit())
-            or len(index_text) > 6
-            or len(count_text) > 6
-            or not 0 <= int(index_text) < int(count_text) <= MAX_REPLY_CHUNKS
-            or len(chunk) > REPLY_CHUNK_BYTES
-        ):
-            self.malformed += 1
-            return
-        index, count = int(index_text), int(count_text)
-        now = time.monotonic()
-        self._expire_replies(now)
-        partial = self._partial.get(reply_id)
-        if partial is None:
-            if len(self._partial) >= MAX_OPEN_REPLIES:
-                del self._partial[next(iter(self._partial))]  # the oldest
-                self.replies_dropped += 1
-            partial = self._partial[reply_id] = _PartialReply(count, now)
-        if partial.count != count:
-            self.malformed += 1
-            return
-        if index in partial.chunks:
-            return
-        partial.chunks[index] = chunk
-        partial.size += len(chunk)
-        if partial.size > MAX_REPLY_BYTES:
-            del self._partial[reply_id]
-            self.replies_dropped += 1
-            return
-        if len(partial.chunks) < count:
-            return
-        del self._partial[reply_id]
-        self.replies_received += 1
-        data = b"".join(partial.chunks[i] for i in range(count))
         on_reply = self._on_reply
-        if on_reply is None:
+        if reply is None or on_reply is None:
             return
         try:
-            on_reply(data)
+            on_reply(reply)
         except Exception:
             logger.exception("mesh: handling a stats reply failed")
-
-    def _expire_replies(self, now: float) -> None:
-        for reply_id in [
-            reply_id
-            for reply_id, partial in self._partial.items()
-            if now - partial.started > REPLY_TIMEOUT
-        ]:
-            del self._partial[reply_id]
-            self.replies_dropped += 1
 
     # -- the sender thread --------------------------------------------------------------------
 
