@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from django_warpmesh.node.transports import TransportError
+from django_warpmesh.node.transports import TransportError, postgresql_sender
 from django_warpmesh.node.transports import postgresql as pg
 from django_warpmesh.node.transports import postgresql_payloads as payloads
 from django_warpmesh.node.transports.postgresql import PostgresTransport
@@ -126,7 +126,7 @@ def admin_execute(conninfo: str, query: str, params: tuple[Any, ...] = ()) -> li
 
 
 def threads_alive(transport: PostgresTransport) -> bool:
-    threads = (transport._listen_thread, transport._notify_thread)
+    threads = (transport._listener.thread, transport._sender.thread)
     return any(thread is not None and thread.is_alive() for thread in threads)
 
 
@@ -238,7 +238,7 @@ def test_a_burst_arrives_complete_and_in_order(start: Factory) -> None:
     assert info["frames_sent"] == 2000
     # Sent in bursts: never more statements than frames, never more frames in one than allowed.
     assert 1 <= info["round_trips"] <= 2000
-    assert info["largest_burst"] <= pg.MAX_BURST_FRAMES
+    assert info["largest_burst"] <= postgresql_sender.MAX_BURST_FRAMES
 
 
 @pytest.mark.broker

@@ -207,8 +207,8 @@ class BrokerTransport(abc.ABC):
             "inbox_dropped": self.inbox.dropped,
         }
 
-    def _tell_node(self, call: Callable[[TransportEvents], None]) -> None:
-        """Call one of the node's event handlers, on the transport's thread."""
+    def tell_node(self, call: Callable[[TransportEvents], None]) -> None:
+        """Call one of the node's event handlers: for the transport's own threads."""
         if self._events is None:
             return
         try:

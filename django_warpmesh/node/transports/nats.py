@@ -475,7 +475,7 @@ class NatsTransport(BrokerTransport):
                 self.server,
                 time.monotonic() - self._lost_at,
             )
-        self._tell_node(lambda events: events.transport_connected())
+        self.tell_node(lambda events: events.transport_connected())
         publisher = asyncio.ensure_future(self._publish(client))
         waits = {
             publisher,
@@ -511,7 +511,7 @@ class NatsTransport(BrokerTransport):
         self.rtt = None
         server, self.server = self.server, None
         logger.warning("mesh: lost the NATS server %s (%s); reconnecting", server, reason)
-        self._tell_node(lambda events: events.transport_lost(reason))
+        self.tell_node(lambda events: events.transport_lost(reason))
         await self._discard(client, 1.0)
 
     async def _watch(self, session: _Session) -> None:
