@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import ParseResult, SplitResult, urlsplit
 
 from django_warpmesh.node.stats import EventLog
 from django_warpmesh.node.transports.base import (
@@ -47,17 +46,18 @@ from django_warpmesh.node.transports.base import (
     TransportError,
     TransportEvents,
     error_line,
-    redact_userinfo,
     retry_delay,
 )
+from django_warpmesh.node.transports.nats_addresses import check_subject, parse_url, shown_url
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
 
+__all__ = ["DEFAULT_MAX_PAYLOAD", "MAX_FRAME_BYTES", "NatsTransport", "check_subject", "parse_url"]
+
 logger = logging.getLogger("django_warpmesh")
 
-DEFAULT_PORT = 4222
 # nats-server's default max_payload. The real limit is the server's (its INFO says it), known
 # once connected: a frame or reply above it is refused rather than sent, as the server would
 # close the connection over it.
@@ -92,62 +92,6 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 # How much of close()'s timeout is kept for the thread to stop once its connection is closed.
 STOP_MARGIN = 0.1
-
-
-def _shown_url(parts: SplitResult | ParseResult) -> str:
-    """A server's URL as stats show it: the password, or a token, replaced by ``***``."""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port or DEFAULT_PORT
-    if parts.password is not None:
-        auth = f"{parts.username}:***@"
-    elif parts.username:
-        auth = "***@"  # a user alone is a token to nats-py: a secret
-    else:
-        auth = ""
-    return f"{parts.scheme}://{auth}{host}:{port}"
-
-
-def parse_url(url: str) -> tuple[list[str], str]:
-    """The servers of a ``nats://`` URL (comma-separated for several), for nats-py, and the URL
-    to show (no password). Raises :class:`TransportError` for a malformed one."""
-    if not isinstance(url, str) or not url.strip():
-        raise TransportError("the NATS URL is empty: give nats://host:4222")
-    servers: list[str] = []
-    shown: list[str] = []
-    for raw in url.split(","):
-        server = raw.strip()
-        where = f"bad NATS URL {redact_userinfo(url)!r}"
-        if not server:
-            raise TransportError(f"{where}: an empty server between commas")
-        try:
-            parts = urlsplit(server)
-            port = parts.port
-        except ValueError as exc:
-            raise TransportError(f"{where}: {redact_userinfo(str(exc))}")
-        if parts.scheme not in ("nats", "tls"):
-            raise TransportError(f"{where}: each server must start with nats:// or tls://")
-        if not parts.hostname:
-            raise TransportError(f"{where}: no host")
-        if port == 0:
-            raise TransportError(f"{where}: port 0")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise TransportError(f"{where}: a server is scheme://[user:password@]host[:port]")
-        servers.append(f"{parts.scheme}://{parts.netloc}")
-        shown.append(_shown_url(parts))
-    return servers, ",".join(shown)
-
-
-def check_subject(subject: str) -> None:
-    """Raises :class:`TransportError` unless ``subject`` is a NATS subject one can publish to."""
-    tokens = subject.split(".")
-    if (
-        not subject
-        or any(not token or token in ("*", ">") for token in tokens)
-        or any(char.isspace() or not char.isprintable() for char in subject)
-    ):
-        raise TransportError(f"bad NATS subject {subject!r}: dot-separated words, no wildcard")
 
 
 def _import_nats() -> None:
@@ -463,7 +407,7 @@ class NatsTransport(BrokerTransport):
             self._wake_scheduled = False
             self._max_payload = client.max_payload or DEFAULT_MAX_PAYLOAD
             self.connected = not self._closed
-        self.server = _shown_url(url) if url is not None else self.url
+        self.server = shown_url(url) if url is not None else self.url
         self.connects += 1
         if self._lost_at is None:
             logger.info(
