@@ -199,6 +199,7 @@ class SessionPair:
                 )
 
     def renewing(self, role: str) -> None:
+        """``role``'s session was found stale, and is being replaced."""
         with self._lock:
             self._up.discard(role)
 
@@ -208,6 +209,7 @@ class SessionPair:
             raise Renew
 
     def note_error(self, role: str, reason: str) -> None:
+        """What ``last_error`` shows: ``role``'s session failed, or its server refused."""
         self._transport.last_error = f"{role}: {reason}"
 
 
@@ -267,6 +269,8 @@ class SessionThread(abc.ABC):
         try:
             while not self._stop.is_set():
                 conn = None
+                # When the session was opened; None until it is: one that never opened makes
+                # no other stale.
                 epoch: int | None = None
                 try:
                     opening = self._pair.epoch
