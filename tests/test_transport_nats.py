@@ -114,7 +114,7 @@ def peers() -> Iterator[Callable[..., Peer]]:
     for peer in made:
         peer.transport.close(2.0)
     for peer in made:
-        thread = peer.transport._thread
+        thread = peer.transport._link.thread
         assert thread is None or not thread.is_alive(), "a warpmesh-nats thread is left"
 
 
@@ -384,7 +384,7 @@ def test_close_is_idempotent_and_bounded_with_the_server_down(
         started = time.monotonic()
         peer.transport.close(1.0)
         assert time.monotonic() - started < 3.0  # its timeout, and some slack
-        thread = peer.transport._thread
+        thread = peer.transport._link.thread
         assert thread is not None
         assert not thread.is_alive()
         peer.transport.close(1.0)

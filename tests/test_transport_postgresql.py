@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from django_warpmesh.node.transports import TransportError
+from django_warpmesh.node.transports import TransportError, postgresql_sender
 from django_warpmesh.node.transports import postgresql as pg
+from django_warpmesh.node.transports import postgresql_payloads as payloads
 from django_warpmesh.node.transports.postgresql import PostgresTransport
 from tests.cluster import ROOT, free_ports, wait_for
 from tests.pgserver import PrivateServer, private_postgres
@@ -125,7 +126,7 @@ def admin_execute(conninfo: str, query: str, params: tuple[Any, ...] = ()) -> li
 
 
 def threads_alive(transport: PostgresTransport) -> bool:
-    threads = (transport._listen_thread, transport._notify_thread)
+    threads = (transport._listener.thread, transport._sender.thread)
     return any(thread is not None and thread.is_alive() for thread in threads)
 
 
@@ -162,12 +163,13 @@ def test_a_malformed_connection_string_never_shows_its_password() -> None:
 
 
 def test_max_frame_bytes_is_the_largest_frame_whose_encoding_fits_one_payload() -> None:
-    assert PostgresTransport.max_frame_bytes == pg.MAX_FRAME_BYTES
-    assert len(pg._encode(bytes(pg.MAX_FRAME_BYTES))) <= pg.PAYLOAD_LIMIT
-    assert len(pg._encode(bytes(pg.MAX_FRAME_BYTES + 1))) > pg.PAYLOAD_LIMIT
-    header = f"{'f' * 16}:{pg.MAX_REPLY_CHUNKS - 1}:{pg.MAX_REPLY_CHUNKS}:"
-    assert len(header) <= pg.REPLY_HEADER_CHARS
-    assert len(header + pg._encode(bytes(pg.REPLY_CHUNK_BYTES))) <= pg.PAYLOAD_LIMIT
+    assert PostgresTransport.max_frame_bytes == pg.MAX_FRAME_BYTES == payloads.MAX_FRAME_BYTES
+    encode = payloads.encode_payload
+    assert len(encode(bytes(pg.MAX_FRAME_BYTES))) <= payloads.PAYLOAD_LIMIT
+    assert len(encode(bytes(pg.MAX_FRAME_BYTES + 1))) > payloads.PAYLOAD_LIMIT
+    header = f"{'f' * 16}:{payloads.MAX_REPLY_CHUNKS - 1}:{payloads.MAX_REPLY_CHUNKS}:"
+    assert len(header) <= payloads.REPLY_HEADER_CHARS
+    assert len(header + encode(bytes(payloads.REPLY_CHUNK_BYTES))) <= payloads.PAYLOAD_LIMIT
 
 
 def test_close_before_start_is_harmless() -> None:
@@ -236,7 +238,7 @@ def test_a_burst_arrives_complete_and_in_order(start: Factory) -> None:
     assert info["frames_sent"] == 2000
     # Sent in bursts: never more statements than frames, never more frames in one than allowed.
     assert 1 <= info["round_trips"] <= 2000
-    assert info["largest_burst"] <= pg.MAX_BURST_FRAMES
+    assert info["largest_burst"] <= postgresql_sender.MAX_BURST_FRAMES
 
 
 @pytest.mark.broker
@@ -293,7 +295,7 @@ def test_a_large_reply_is_chunked_and_reassembled(start: Factory) -> None:
     assert answerer.transport.send_reply(address, b"")
     wait_for(lambda: len(replies) == 2, message="two replies")
     assert replies == [data, b""]
-    assert not answerer.transport.send_reply(address, bytes(pg.MAX_REPLY_BYTES + 1))
+    assert not answerer.transport.send_reply(address, bytes(payloads.MAX_REPLY_BYTES + 1))
     assert not answerer.transport.send_reply("not a channel!", b"x")
     # Replies travel on the asker's channel only: nothing reached the mesh's.
     assert bystander.transport.receive(10) == []
@@ -304,18 +306,20 @@ def test_a_large_reply_is_chunked_and_reassembled(start: Factory) -> None:
 def test_incomplete_replies_are_dropped_when_too_many_or_too_old(
     conninfo: str, start: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pg, "REPLY_TIMEOUT", 0.3)
+    monkeypatch.setattr(payloads, "REPLY_TIMEOUT", 0.3)
     node = start()
     connected(node)
     replies: list[bytes] = []
     address = node.transport.open_reply_inbox(replies.append)
-    for index in range(pg.MAX_OPEN_REPLIES + 1):  # chunk 0 of 2 of each: never complete
+    for index in range(payloads.MAX_OPEN_REPLIES + 1):  # chunk 0 of 2 of each: never complete
         admin_execute(
-            conninfo, "SELECT pg_notify(%s, %s)", (address, f"{index:016x}:0:2:{pg._encode(b'x')}")
+            conninfo,
+            "SELECT pg_notify(%s, %s)",
+            (address, f"{index:016x}:0:2:{payloads.encode_payload(b'x')}"),
         )
     # One too many was dropped at once, the others when they grew too old.
     wait_for(
-        lambda: node.transport.replies_dropped == pg.MAX_OPEN_REPLIES + 1,
+        lambda: node.transport.replies_dropped == payloads.MAX_OPEN_REPLIES + 1,
         message="every incomplete reply dropped",
     )
     assert replies == []

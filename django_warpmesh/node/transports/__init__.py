@@ -2,10 +2,17 @@
 
 * :mod:`.base`: :class:`Transport` (send bytes, receive bytes, a descriptor to wait on),
   :class:`BrokerTransport` (a broker connection, with connected/lost events),
-  :class:`FrameInbox` (received frames handed from a transport's own thread to the node).
+  :class:`FrameInbox` (received frames handed from a transport's own thread to the node), and
+  what every broker transport uses (reconnection backoff, error lines);
+  :mod:`.wakeup`: the pipe behind every descriptor a transport makes readable on purpose.
 * :mod:`.nng`: the default, a peer-to-peer mesh of nng ``Bus0`` connections.
-* :mod:`.nats`: a NATS server fans each frame out (``nats://``; the ``nats`` extra).
-* :mod:`.postgresql`: PostgreSQL ``LISTEN``/``NOTIFY`` (the ``postgresql`` extra).
+* :mod:`.nats`: a NATS server fans each frame out (``nats://``; the ``nats`` extra). Its parts:
+  :mod:`.nats_addresses` (server URLs, subjects), :mod:`.nats_outbox` (what sends queue),
+  :mod:`.nats_link` (the loop thread keeping the connection), :mod:`.nats_session` (one
+  nats-py client).
+* :mod:`.postgresql`: PostgreSQL ``LISTEN``/``NOTIFY`` (the ``postgresql`` extra). Its parts:
+  :mod:`.postgresql_payloads` (what goes in a payload), :mod:`.postgresql_sessions` (opening
+  and keeping the two sessions), :mod:`.postgresql_listener`, :mod:`.postgresql_sender`.
 
 On the nng mesh each peer has connections (pipes) of its own, which the node binds to the peer
 that speaks on them and hangs up on when they send junk; their connect and remove events come

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import abc
 import collections
-import contextlib
 import hashlib
-import os
+import logging
+import random
+import re
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
+
+from django_warpmesh.node.transports.wakeup import WakePipe
+
+logger = logging.getLogger("django_warpmesh")
+
+# The user (and password) part of a URL: "//user:password@host".
+_USERINFO = re.compile(r"(?<=//)[^/@]*@")
 
 
 class TransportError(Exception):
@@ -88,15 +96,14 @@ class FrameInbox:
         self.dropped = 0
         self._frames: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._signalled = False
+        # Woken and cleared under _lock, with the frames it signals: readable exactly while
+        # frames wait.
+        self._waiting = WakePipe()
         self._closed = False
 
     @property
     def fd(self) -> int:
-        return self._read_fd
+        return self._waiting.fd
 
     def put(self, data: bytes) -> bool:
         """Queue one received frame (on the transport's thread); False if it was dropped."""
@@ -105,11 +112,7 @@ class FrameInbox:
                 self.dropped += 1
                 return False
             self._frames.append(data)
-            if self._signalled:
-                return True
-            self._signalled = True
-        with contextlib.suppress(OSError):  # already readable, or closed
-            os.write(self._write_fd, b"\0")
+            self._waiting.wake()
         return True
 
     def take(self, limit: int) -> list[bytes]:
@@ -118,10 +121,8 @@ class FrameInbox:
             frames = self._frames
             count = min(limit, len(frames))
             taken = [frames.popleft() for _ in range(count)]
-            if not frames and self._signalled:
-                self._signalled = False
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.read(self._read_fd, 4096)
+            if not frames:
+                self._waiting.clear()
             return taken
 
     def __len__(self) -> int:
@@ -133,9 +134,7 @@ class FrameInbox:
                 return
             self._closed = True
             self._frames.clear()
-        for fd in (self._read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._waiting.close()
 
 
 class BrokerTransport(abc.ABC):
@@ -158,6 +157,7 @@ class BrokerTransport(abc.ABC):
         self.connects = 0  # successful connections, the first included
         self.disconnects = 0
         self.last_error: str | None = None
+        self._events: TransportEvents | None = None  # set by start()
 
     @abc.abstractmethod
     def start(self, events: TransportEvents) -> None:
@@ -207,9 +207,40 @@ class BrokerTransport(abc.ABC):
             "inbox_dropped": self.inbox.dropped,
         }
 
+    def tell_node(self, call: Callable[[TransportEvents], None]) -> None:
+        """Call one of the node's event handlers: for the transport's own threads."""
+        if self._events is None:
+            return
+        try:
+            call(self._events)
+        except Exception:
+            # The node's handler failing must not kill the thread that keeps the link up.
+            logger.exception("mesh: the node failed handling a %s transport event", self.name)
+
 
 def channel_name(key: bytes, prefix: str = "warpmesh") -> str:
     """A subject/channel per mesh, derived from (never revealing) its frame key: processes of
     other projects on the same broker use another one, and never see our frames."""
     fingerprint = hashlib.blake2b(key, digest_size=6, person=b"warpmesh-chan").hexdigest()
     return f"{prefix}_{fingerprint}"
+
+
+def retry_delay(failures: int, first: float, cap: float) -> float:
+    """How long to wait after ``failures`` connection attempts failed in a row: ``first``,
+    doubling up to ``cap``, each times a random 0.5-1, so that the processes that lost the server
+    together do not all come back in the same instant."""
+    # The exponent capped too: a server down for hours must not overflow the float (2.0 ** 1024).
+    doublings = min(max(failures - 1, 0), 64)
+    return min(cap, first * 2.0**doublings) * random.uniform(0.5, 1.0)
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of any URL in it replaced by ``***@``."""
+    return _USERINFO.sub("***@", text)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error as ``last_error`` and the logs show it: one line (a server's messages run over
+    several), no password of a URL it quotes, the exception's type if it says nothing."""
+    lines = str(exc).strip().splitlines()
+    return redact_userinfo(lines[0]) if lines else type(exc).__name__

@@ -5,27 +5,18 @@ its frames there with ``pg_notify``: the server fans each one out to every liste
 this process's own included (a session receives the notifications of every session, its own
 sender's too; the node drops frames of its own origin, as it does on the nng bus).
 
-Two connections, both autocommit, each with a daemon thread of its own:
+Two connections, both autocommit, each with a daemon thread of its own
+(:mod:`.postgresql_sessions`):
 
-* the listener (``warpmesh-pg-listen``) runs ``LISTEN`` and then only reads notifications into
-  the inbox. It reads its socket even when the inbox is full (dropping, and counting, what does
-  not fit): a session that stops reading holds back the tail of PostgreSQL's notification queue,
-  which is global to the server, and once that queue is full every ``NOTIFY`` of the cluster
-  fails.
-* the sender (``warpmesh-pg-notify``) takes what :meth:`PostgresTransport.send` queued and
-  publishes all of it in one statement (``SELECT pg_notify(c, p) FROM unnest(...)``): one round
-  trip and one transaction per burst. Notifications are queued at commit under a lock global to
-  the server, so one commit per burst instead of one per frame is what keeps a busy mesh from
-  serialising on that lock. While the sender is idle a frame goes out at once, alone; under load
-  frames pile up behind the statement in flight and go out together in the next.
+* the listener (``warpmesh-pg-listen``, :mod:`.postgresql_listener`) runs ``LISTEN`` and then
+  only reads notifications into the inbox, even when the inbox is full: a session that stops
+  reading holds back PostgreSQL's notification queue, global to the server.
+* the sender (``warpmesh-pg-notify``, :mod:`.postgresql_sender`) takes what
+  :meth:`PostgresTransport.send` queued and publishes all of it in one statement: one round trip
+  and one commit (under a lock global to the server) per burst, not per frame.
 
-Payloads: a ``NOTIFY`` payload is text, shorter than 8000 bytes (``BLCKSZ - NAMEDATALEN - 128``
-with the default 8 kB pages), that must be valid in the server's encoding and has no NUL byte.
-Frames are bytes, so they are sent as standard base64: ASCII only, which every server encoding
-(all are ASCII supersets) stores byte for byte. Denser ASCII encodings exist (base85 carries
-6399 bytes a payload instead of 5997), but Python's base85 is pure Python, several hundred times
-slower than :mod:`binascii`'s base64 (milliseconds a 4 kB frame, on the sending thread of every
-cache write), for 7 % more room no default frame needs.
+Payloads: a ``NOTIFY`` payload is text, shorter than 8000 bytes; frames go as base64, stats
+replies cut into chunks (:mod:`.postgresql_payloads`).
 
 Ordering: frames sent through one transport reach every listener in the order they were sent
 (one sender session; notifications of a transaction are delivered in order, transactions in
@@ -45,41 +36,30 @@ notification for a session that is not listening.
 The connection must reach the primary directly (or through session pooling): a standby refuses
 ``LISTEN`` and ``NOTIFY``, and a transaction-pooling proxy forgets a session's ``LISTEN``.
 
-This module imports psycopg only when a transport is built, so the node's packages import
+These modules import psycopg only when a transport is built, so the node's packages import
 without the extra installed.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import collections
-import contextlib
-import logging
-import os
-import random
 import re
-import secrets
-import select
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from django_warpmesh.node.transports.base import BrokerTransport, TransportError, TransportEvents
+from django_warpmesh.node.transports.postgresql_listener import Listener
+from django_warpmesh.node.transports.postgresql_payloads import (
+    MAX_FRAME_BYTES,
+    MAX_REPLY_BYTES,
+    encode_payload,
+    reply_payloads,
+)
+from django_warpmesh.node.transports.postgresql_sender import Sender
+from django_warpmesh.node.transports.postgresql_sessions import SessionPair, session_conninfo
 
-if TYPE_CHECKING:
-    import psycopg
-    from psycopg import pq
-
-logger = logging.getLogger("django_warpmesh")
-
-# A payload must be shorter than NOTIFY_PAYLOAD_MAX_LENGTH (8000 bytes with PostgreSQL's default
-# 8 kB pages; a server built with smaller pages would refuse frames near the limit).
-PAYLOAD_LIMIT = 7999
-# The largest frame whose base64 (4 characters per 3 bytes, padded) fits in one payload: 5997.
-MAX_FRAME_BYTES = PAYLOAD_LIMIT // 4 * 3
+__all__ = ["MAX_FRAME_BYTES", "PostgresTransport"]
 
 # A channel is an identifier: at most NAMEDATALEN - 1 bytes. Lower case only, so the quoted name
 # LISTEN uses and the string pg_notify takes are the same channel.
@@ -87,157 +67,6 @@ CHANNEL_RE = re.compile(r"[a-z0-9_]{1,63}")
 
 # Frames queued for the sender thread, at most (a few seconds of a very busy node).
 DEFAULT_SEND_CAPACITY = 8192
-# One burst, at most: both bounds keep a statement (and the global NOTIFY lock its commit takes)
-# short, so other processes' bursts are not held up behind ours.
-MAX_BURST_FRAMES = 1000
-MAX_BURST_CHARS = 1 << 20
-
-# Reconnection backoff after a failed connection: doubles from the first to the cap, jittered
-# so processes that lost the server together do not all come back in the same instant.
-RETRY_MIN = 0.1
-RETRY_MAX = 5.0
-
-# Nothing our sessions run may take longer (a hung server; a NOTIFY commit waiting on the global
-# lock behind a stuck transaction): the statement fails instead, and close() stays bounded.
-STATEMENT_TIMEOUT_MS = 5000
-# Connection parameters used unless the connection string sets them. Keepalives (and, on libpq
-# 12 or later, the TCP user timeout) make a vanished server visible to the listener, which
-# otherwise waits on a silent socket forever.
-CONNECTION_DEFAULTS: dict[str, Any] = {
-    "connect_timeout": 5,
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-}
-TCP_USER_TIMEOUT_MS = 20_000
-
-# Stats replies (mesh_status): at most 1 MiB each, cut into chunks that each fit one payload
-# behind a header "<16 hex id>:<index>:<count>:" (at most 31 characters).
-MAX_REPLY_BYTES = 1 << 20
-REPLY_HEADER_CHARS = 32
-REPLY_CHUNK_BYTES = (PAYLOAD_LIMIT - REPLY_HEADER_CHARS) // 4 * 3
-MAX_REPLY_CHUNKS = -(-MAX_REPLY_BYTES // REPLY_CHUNK_BYTES)
-# Replies being reassembled at once, at most, and how long an incomplete one is kept.
-MAX_OPEN_REPLIES = 8
-REPLY_TIMEOUT = 10.0
-# How long open_reply_inbox waits for the listener to have run LISTEN on the reply channel.
-REPLY_LISTEN_WAIT = 2.0
-REPLY_ID_RE = re.compile(rb"[0-9a-f]{16}")
-
-NOTIFY_SQL = "SELECT pg_notify(c, p) FROM unnest(%b::text[], %b::text[]) AS t(c, p)"
-
-
-def _encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _decode(payload: bytes) -> bytes | None:
-    """The bytes a payload carries, or None if it is not base64 as :func:`_encode` writes it."""
-    try:
-        if sys.version_info >= (3, 11):
-            data = binascii.a2b_base64(payload, strict_mode=True)
-        else:
-            data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    # Both accept padding past a complete group ("QUJD=" is b"ABC"): only the canonical length.
-    if len(payload) != -(-len(data) // 3) * 4:
-        return None
-    return data
-
-
-def _reason(exc: BaseException) -> str:
-    """One line for logs and ``last_error``: psycopg's messages run over several lines."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _conninfo(conninfo: str, application_name: str, settings: dict[str, str]) -> str:
-    """The connection string of one of our sessions: the caller's, with our defaults and
-    ``settings`` (server settings of the session, unless the caller's string sets them)."""
-    try:
-        import psycopg
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
-    except ImportError as exc:
-        raise TransportError(
-            "the postgresql transport needs psycopg 3: pip install 'django-warpmesh[postgresql]'"
-        ) from exc
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.Error:
-        # Not the parser's message: it quotes the string, which may hold a password.
-        raise TransportError("the PostgreSQL connection string of the transport is malformed")
-    params.setdefault("application_name", application_name)
-    for key, value in CONNECTION_DEFAULTS.items():
-        params.setdefault(key, value)
-    if psycopg.pq.version() >= 120000:
-        params.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT_MS)
-    options = str(params.get("options") or "")
-    for name, value in {"statement_timeout": str(STATEMENT_TIMEOUT_MS), **settings}.items():
-        if name not in options:
-            options = f"{options} -c {name}={value}".strip()
-    params["options"] = options
-    return make_conninfo("", **params)
-
-
-class _Waker:
-    """A pipe that makes a thread's ``poll`` return. Written once until the thread clears it, so
-    a run of sends costs one write, not one each."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._pending = False
-        self._closed = False
-
-    @property
-    def fd(self) -> int:
-        return self._read_fd
-
-    def wake(self) -> None:
-        with self._lock:
-            # Checked under the lock: once closed, the fd numbers may belong to someone else.
-            if self._pending or self._closed:
-                return
-            self._pending = True
-            with contextlib.suppress(OSError):
-                os.write(self._write_fd, b"\0")
-
-    def clear(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._pending = False
-            with contextlib.suppress(OSError):
-                os.read(self._read_fd, 4096)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for fd in (self._read_fd, self._write_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-
-class _Renew(Exception):
-    """The other connection failed: this one, opened before that loss, is replaced too."""
-
-
-class _PartialReply:
-    """A stats reply whose chunks are still arriving."""
-
-    __slots__ = ("chunks", "count", "size", "started")
-
-    def __init__(self, count: int, started: float) -> None:
-        self.count = count
-        self.started = started
-        self.size = 0
-        self.chunks: dict[int, bytes] = {}
 
 
 class PostgresTransport(BrokerTransport):
@@ -267,64 +96,51 @@ class PostgresTransport(BrokerTransport):
                 f"bad PostgreSQL channel {channel!r}: 1 to 63 characters of a-z, 0-9 and _"
             )
         super().__init__(display_url, channel, inbox_capacity=inbox_capacity)
-        self._listen_conninfo = _conninfo(conninfo, "warpmesh-listen", {})
+        listen_conninfo = session_conninfo(conninfo, "warpmesh-listen", {})
         # A NOTIFY transaction commits (and flushes WAL) holding a lock global to the server;
         # waiting for that flush buys nothing, as notifications never outlive a server restart
         # anyway. Without the wait a commit costs about half as much (one frame a statement:
         # 958 vs 1790 commits/s on a local server), and the lock is released sooner for all.
-        self._notify_conninfo = _conninfo(
+        notify_conninfo = session_conninfo(
             conninfo, "warpmesh-notify", {"synchronous_commit": "off"}
         )
-        self._channel_bytes = channel.encode("ascii")
-        self.send_capacity = send_capacity
-
-        # Connection state; the lock also keeps connected/lost events in the order they happen.
-        self._event_lock = threading.Lock()
-        self._events: TransportEvents | None = None
-        self._up: set[str] = set()
-        # Bumped by each failure of a current connection. A connection opened before the latest
-        # loss may have died in the same event without knowing it yet: "connected" is declared
-        # only when both were opened since, so a loss renews both (see _Renew).
-        self._epoch = 0
-        self._failure_logged = False
-        self.connect_failures = 0  # connections (either) that failed to open or broke
         self._close_lock = threading.Lock()
         self._started = False
         self._closed = False
-        self._closing = threading.Event()  # close() began: refuse sends, flush, then stop
-        self._stopping = threading.Event()  # the listener stops
-        self._flush_deadline = 0.0
-        self._listen_thread: threading.Thread | None = None
-        self._notify_thread: threading.Thread | None = None
-        self._listen_waker = _Waker()
-        self._notify_waker = _Waker()
-        self.listen_pid: int | None = None  # backend pids, to find them in pg_stat_activity
-        self.notify_pid: int | None = None
+        closing = threading.Event()  # close() began: refuse sends, flush, then stop
+        self._sessions = SessionPair(self, closing)
+        self._listener = Listener(self._sessions, listen_conninfo, channel, self.inbox)
+        self._sender = Sender(self._sessions, notify_conninfo, closing, send_capacity)
 
-        # Frames (and reply chunks) for the sender thread: (channel, payload).
-        self._queue: collections.deque[tuple[str, str]] = collections.deque()
-        self._queue_lock = threading.Lock()
-        self._in_flight = 0
-        self.frames_sent = 0
-        self.round_trips = 0  # NOTIFY statements that succeeded
-        self.largest_burst = 0
-        self.send_refused = 0  # send() said False: not connected, queue full, frame too large
-        self.send_lost = 0  # queued or in flight when the sender's connection failed
-        self.send_failed = 0  # in a statement the server refused (a full queue, a timeout)
-        self._send_failure_logged = False
-        self.malformed = 0  # received payloads that were not ours to decode
+    # What tests and the operator look at, besides describe().
 
-        # Stats replies addressed to this node (mesh_status).
-        self._reply_channel: str | None = None
-        self._reply_channel_bytes = b""
-        self._on_reply: Callable[[bytes], None] | None = None
-        self._listening_reply: str | None = None  # on the listener's current connection
-        self._reply_listening = threading.Event()
-        self._partial: dict[bytes, _PartialReply] = {}
-        self.replies_received = 0
-        self.replies_dropped = 0
+    @property
+    def connect_failures(self) -> int:
+        """Connections (either) that failed to open or broke."""
+        return self._sessions.failures
 
-    # -- the node's side ----------------------------------------------------------------------
+    @property
+    def listen_pid(self) -> int | None:
+        """The listener's backend pid, to find it in ``pg_stat_activity``."""
+        return self._listener.pid
+
+    @property
+    def notify_pid(self) -> int | None:
+        """The sender's backend pid."""
+        return self._sender.pid
+
+    @property
+    def malformed(self) -> int:
+        """Received payloads that were not ours to decode."""
+        return self._listener.malformed
+
+    @property
+    def replies_received(self) -> int:
+        return self._listener.replies.received
+
+    @property
+    def replies_dropped(self) -> int:
+        return self._listener.replies.dropped
 
     def start(self, events: TransportEvents) -> None:
         with self._close_lock:
@@ -332,51 +148,22 @@ class PostgresTransport(BrokerTransport):
                 return
             self._started = True
             self._events = events
-            self._listen_thread = threading.Thread(
-                target=self._run_listener, name="warpmesh-pg-listen", daemon=True
-            )
-            self._notify_thread = threading.Thread(
-                target=self._run_notifier, name="warpmesh-pg-notify", daemon=True
-            )
-            self._listen_thread.start()
-            self._notify_thread.start()
+            self._listener.start()
+            self._sender.start()
 
     def send(self, data: bytes) -> bool:
         if not data or len(data) > MAX_FRAME_BYTES:
-            with self._queue_lock:
-                self.send_refused += 1
+            self._sender.count_refused()
             return False
-        return self._enqueue(((self.channel, _encode(data)),))
+        return self._sender.enqueue(((self.channel, encode_payload(data)),))
 
     def open_reply_inbox(self, on_reply: Callable[[bytes], None]) -> str:
-        """LISTEN on a channel of this node's own (``<channel>_r_<random hex>``); when connected,
-        wait (briefly) until the listener has, so a request sent next is answered into it."""
-        with self._close_lock:
-            self._on_reply = on_reply
-            channel = self._reply_channel
-            if channel is None:
-                channel = f"{self.channel[: 63 - 15]}_r_{secrets.token_hex(6)}"
-                # The bytes first: the listener matches notifications against them once it
-                # sees the channel (and LISTENs on it).
-                self._reply_channel_bytes = channel.encode("ascii")
-                self._reply_channel = channel
-        self._listen_waker.wake()
-        if self.connected:
-            self._reply_listening.wait(REPLY_LISTEN_WAIT)
-        return channel
+        return self._listener.open_reply_channel(on_reply)
 
     def send_reply(self, address: str, data: bytes) -> bool:
         if not CHANNEL_RE.fullmatch(address) or len(data) > MAX_REPLY_BYTES:
             return False
-        reply_id = secrets.token_hex(8)
-        # An empty reply is still one chunk: the inbox learns it arrived.
-        chunks = [data[i : i + REPLY_CHUNK_BYTES] for i in range(0, len(data), REPLY_CHUNK_BYTES)]
-        chunks = chunks or [b""]
-        count = len(chunks)
-        return self._enqueue(
-            (address, f"{reply_id}:{index}:{count}:{_encode(chunk)}")
-            for index, chunk in enumerate(chunks)
-        )
+        return self._sender.enqueue((address, payload) for payload in reply_payloads(data))
 
     def close(self, timeout: float) -> None:
         with self._close_lock:
@@ -384,412 +171,34 @@ class PostgresTransport(BrokerTransport):
                 return
             self._closed = True
         deadline = time.monotonic() + max(0.0, timeout)
-        self._flush_deadline = deadline
-        self._closing.set()
-        self._notify_waker.wake()
         # The sender first, so what was queued goes out while we still listen.
-        if self._notify_thread is not None:
-            self._notify_thread.join(max(0.0, deadline - time.monotonic()))
-        self._stopping.set()
-        self._listen_waker.wake()
-        if self._listen_thread is not None:
-            self._listen_thread.join(max(0.0, deadline - time.monotonic()))
-        else:
-            # Never started: no thread will close them. A thread still running past the
-            # deadline (a hung server) closes its own when its connection gives up.
-            self._listen_waker.close()
-            self._notify_waker.close()
+        self._sender.stop(deadline)
+        self._listener.stop(deadline)
         self.connected = False
         self.inbox.close()
 
     def describe(self) -> dict[str, Any]:
+        sender, listener = self._sender, self._listener
         info = super().describe()
         info.update(
             connect_failures=self.connect_failures,
             max_frame_bytes=self.max_frame_bytes,
-            queued=len(self._queue),
-            send_capacity=self.send_capacity,
-            frames_sent=self.frames_sent,
-            round_trips=self.round_trips,
+            queued=len(sender),
+            send_capacity=sender.capacity,
+            frames_sent=sender.frames_sent,
+            round_trips=sender.round_trips,
             frames_per_round_trip=(
-                round(self.frames_sent / self.round_trips, 1) if self.round_trips else None
+                round(sender.frames_sent / sender.round_trips, 1) if sender.round_trips else None
             ),
-            largest_burst=self.largest_burst,
-            send_refused=self.send_refused,
-            send_lost=self.send_lost,
-            send_failed=self.send_failed,
-            malformed_received=self.malformed,
-            reply_inbox=self._reply_channel,
-            replies_received=self.replies_received,
-            replies_dropped=self.replies_dropped,
-            listen_pid=self.listen_pid,
-            notify_pid=self.notify_pid,
+            largest_burst=sender.largest_burst,
+            send_refused=sender.refused,
+            send_lost=sender.lost,
+            send_failed=sender.failed,
+            malformed_received=listener.malformed,
+            reply_inbox=listener.reply_channel,
+            replies_received=listener.replies.received,
+            replies_dropped=listener.replies.dropped,
+            listen_pid=listener.pid,
+            notify_pid=sender.pid,
         )
         return info
-
-    # -- connection state ---------------------------------------------------------------------
-
-    def _role_up(self, role: str, epoch: int) -> None:
-        """``role``'s connection, opened at ``epoch``, is ready; raises _Renew if a loss
-        happened since it was opened."""
-        with self._event_lock:
-            if epoch != self._epoch:
-                raise _Renew
-            self._up.add(role)
-            if self.connected or self._closing.is_set() or len(self._up) < 2:
-                return
-            self.connected = True
-            self.connects += 1
-            self._failure_logged = False
-            if self.connects == 1:
-                logger.info("mesh: postgresql transport connected to %s", self.url)
-            else:
-                logger.info(
-                    "mesh: postgresql transport reconnected to %s (disconnects so far: %d)",
-                    self.url,
-                    self.disconnects,
-                )
-            self._emit(lambda events: events.transport_connected())
-
-    def _role_down(self, role: str, reason: str, epoch: int | None) -> None:
-        """``role``'s connection failed (``epoch``: when it was opened; None if it never was)."""
-        with self._event_lock:
-            self._up.discard(role)
-            self.last_error = f"{role}: {reason}"
-            self.connect_failures += 1
-            if self._closing.is_set():
-                return
-            if epoch == self._epoch:
-                self._epoch += 1
-                # The other thread sees its connection is now stale, and renews it.
-                (self._notify_waker if role == "listen" else self._listen_waker).wake()
-            if self.connected:
-                self.connected = False
-                self.disconnects += 1
-                self._failure_logged = True
-                logger.warning(
-                    "mesh: postgresql transport lost its %s connection to %s (%s); reconnecting",
-                    role,
-                    self.url,
-                    reason,
-                )
-                self._emit(lambda events: events.transport_lost(f"postgresql {role}: {reason}"))
-            elif not self._failure_logged:
-                self._failure_logged = True
-                logger.warning(
-                    "mesh: postgresql transport cannot connect to %s (%s); retrying with backoff",
-                    self.url,
-                    reason,
-                )
-
-    def _renewing(self, role: str) -> None:
-        with self._event_lock:
-            self._up.discard(role)
-
-    def _check_current(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            raise _Renew
-
-    def _emit(self, call: Callable[[TransportEvents], None]) -> None:
-        if self._events is None:
-            return
-        try:
-            call(self._events)
-        except Exception:
-            # The node's handler failing must not kill the thread that keeps the link up.
-            logger.exception("mesh: postgresql transport event handler failed")
-
-    def _backoff(self, delay: float, until: threading.Event) -> float:
-        until.wait(random.uniform(delay / 2, delay))
-        return min(delay * 2, RETRY_MAX)
-
-    def _connect(self, conninfo: str) -> psycopg.Connection[Any]:
-        import psycopg
-
-        conn = psycopg.connect(conninfo, autocommit=True)
-        try:
-            # A server-wide idle_session_timeout would end our sessions, idle by design, and
-            # every end is a lost link (a flush) for the node. The setting is PostgreSQL 14's.
-            with contextlib.suppress(psycopg.errors.UndefinedObject):
-                conn.execute("SET idle_session_timeout = 0")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    # -- the listener thread ------------------------------------------------------------------
-
-    def _run_listener(self) -> None:
-        from psycopg import sql
-
-        delay = RETRY_MIN
-        try:
-            while not self._stopping.is_set():
-                conn = None
-                epoch: int | None = None
-                try:
-                    opening = self._epoch
-                    conn = self._connect(self._listen_conninfo)
-                    epoch = opening
-                    # Raw notifications (bytes), also those that arrive while LISTEN runs:
-                    # psycopg's own handler would decode each payload to str first.
-                    conn.pgconn.notify_handler = self._on_notify
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                    self._listening_reply = None
-                    self._listen_reply(conn)
-                    self.listen_pid = conn.info.backend_pid
-                    self._role_up("listen", epoch)
-                    delay = RETRY_MIN
-                    self._pump_notifications(conn, epoch)
-                    with contextlib.suppress(Exception):
-                        conn.execute("UNLISTEN *")
-                except _Renew:
-                    self._renewing("listen")
-                except Exception as exc:
-                    if self._stopping.is_set():
-                        break
-                    self._role_down("listen", _reason(exc), epoch)
-                    delay = self._backoff(delay, self._stopping)
-                finally:
-                    self.listen_pid = None
-                    if conn is not None:
-                        conn.close()
-        finally:
-            self._listen_waker.close()
-
-    def _listen_reply(self, conn: psycopg.Connection[Any]) -> None:
-        from psycopg import sql
-
-        channel = self._reply_channel
-        if channel is None or channel == self._listening_reply:
-            return
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        self._listening_reply = channel
-        self._reply_listening.set()
-
-    def _pump_notifications(self, conn: psycopg.Connection[Any], epoch: int) -> None:
-        """Read notifications until stopped; raises when the connection fails or is stale."""
-        from psycopg import OperationalError, pq
-
-        pgconn = conn.pgconn
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-        poller.register(self._listen_waker.fd, select.POLLIN)
-        while True:
-            # Before waiting: a statement (LISTEN) may have left notifications in libpq's
-            # buffer, and the socket would not say so.
-            while (notify := pgconn.notifies()) is not None:
-                self._on_notify(notify)
-            # Only a reply being reassembled needs a clock (to expire it).
-            ready = poller.poll(1000 if self._partial else None)
-            if self._stopping.is_set():
-                return
-            for fd, _ in ready:
-                if fd == self._listen_waker.fd:
-                    self._listen_waker.clear()
-                    self._check_current(epoch)
-                    self._listen_reply(conn)
-                    continue
-                pgconn.consume_input()  # raises when the server hung up
-                if pgconn.status != pq.ConnStatus.OK:
-                    raise OperationalError("the connection is no longer usable")
-            if self._partial:
-                self._expire_replies(time.monotonic())
-
-    def _on_notify(self, notify: pq.PGnotify) -> None:
-        if notify.relname == self._channel_bytes:
-            data = _decode(notify.extra)
-            if not data:
-                self.malformed += 1
-                return
-            self.inbox.put(data)
-        elif notify.relname == self._reply_channel_bytes:
-            self._on_reply_chunk(notify.extra)
-
-    # -- stats replies, on the listener thread ------------------------------------------------
-
-    def _on_reply_chunk(self, payload: bytes) -> None:
-        fields = payload.split(b":", 3)
-        if len(fields) != 4:
-            self.malformed += 1
-            return
-        reply_id, index_text, count_text, body = fields
-        chunk = _decode(body) if body else b""
-        if (
-            chunk is None
-            or not REPLY_ID_RE.fullmatch(reply_id)
-            or not (index_text.isdigit() and count_text.isdigit())
-            or len(index_text) > 6
-            or len(count_text) > 6
-            or not 0 <= int(index_text) < int(count_text) <= MAX_REPLY_CHUNKS
-            or len(chunk) > REPLY_CHUNK_BYTES
-        ):
-            self.malformed += 1
-            return
-        index, count = int(index_text), int(count_text)
-        now = time.monotonic()
-        self._expire_replies(now)
-        partial = self._partial.get(reply_id)
-        if partial is None:
-            if len(self._partial) >= MAX_OPEN_REPLIES:
-                del self._partial[next(iter(self._partial))]  # the oldest
-                self.replies_dropped += 1
-            partial = self._partial[reply_id] = _PartialReply(count, now)
-        if partial.count != count:
-            self.malformed += 1
-            return
-        if index in partial.chunks:
-            return
-        partial.chunks[index] = chunk
-        partial.size += len(chunk)
-        if partial.size > MAX_REPLY_BYTES:
-            del self._partial[reply_id]
-            self.replies_dropped += 1
-            return
-        if len(partial.chunks) < count:
-            return
-        del self._partial[reply_id]
-        self.replies_received += 1
-        data = b"".join(partial.chunks[i] for i in range(count))
-        on_reply = self._on_reply
-        if on_reply is None:
-            return
-        try:
-            on_reply(data)
-        except Exception:
-            logger.exception("mesh: handling a stats reply failed")
-
-    def _expire_replies(self, now: float) -> None:
-        for reply_id in [
-            reply_id
-            for reply_id, partial in self._partial.items()
-            if now - partial.started > REPLY_TIMEOUT
-        ]:
-            del self._partial[reply_id]
-            self.replies_dropped += 1
-
-    # -- the sender thread --------------------------------------------------------------------
-
-    def _enqueue(self, items: Iterable[tuple[str, str]]) -> bool:
-        batch = list(items)
-        with self._queue_lock:
-            if (
-                not self.connected
-                or self._closing.is_set()
-                or len(self._queue) + len(batch) > self.send_capacity
-            ):
-                self.send_refused += len(batch)
-                return False
-            self._queue.extend(batch)
-        self._notify_waker.wake()
-        return True
-
-    def _take_burst(self) -> list[tuple[str, str]]:
-        burst: list[tuple[str, str]] = []
-        chars = 0
-        with self._queue_lock:
-            queue = self._queue
-            while queue and len(burst) < MAX_BURST_FRAMES and chars < MAX_BURST_CHARS:
-                item = queue.popleft()
-                burst.append(item)
-                chars += len(item[1])
-            self._in_flight = len(burst)
-        return burst
-
-    def _drop_queue(self) -> None:
-        with self._queue_lock:
-            self.send_lost += len(self._queue) + self._in_flight
-            self._queue.clear()
-            self._in_flight = 0
-
-    def _run_notifier(self) -> None:
-        delay = RETRY_MIN
-        try:
-            while not self._closing.is_set():
-                conn = None
-                epoch: int | None = None
-                try:
-                    opening = self._epoch
-                    conn = self._connect(self._notify_conninfo)
-                    epoch = opening
-                    self.notify_pid = conn.info.backend_pid
-                    self._role_up("notify", epoch)
-                    delay = RETRY_MIN
-                    self._pump_bursts(conn, epoch)
-                    return
-                except _Renew:
-                    self._renewing("notify")
-                except Exception as exc:
-                    if self._closing.is_set():
-                        break
-                    # Down first, so send() refuses before the queue is emptied.
-                    self._role_down("notify", _reason(exc), epoch)
-                    self._drop_queue()
-                    delay = self._backoff(delay, self._closing)
-                finally:
-                    self.notify_pid = None
-                    if conn is not None:
-                        conn.close()
-        finally:
-            self._drop_queue()  # what close() had no time (or no connection) to send
-            self._notify_waker.close()
-
-    def _pump_bursts(self, conn: psycopg.Connection[Any], epoch: int) -> None:
-        """Publish what is queued until closed and flushed; raises when the connection fails or
-        is stale (what was queued while it was current is published first)."""
-        from psycopg import OperationalError, pq
-
-        pgconn = conn.pgconn
-        poller = select.poll()
-        # Readable while idle only when the server is ending the session: watched so a lost
-        # sender is reported at once, not at the next frame.
-        poller.register(conn.fileno(), select.POLLIN)
-        poller.register(self._notify_waker.fd, select.POLLIN)
-        while True:
-            closing = self._closing.is_set()
-            if closing and time.monotonic() >= self._flush_deadline:
-                return
-            self._notify_waker.clear()
-            burst = self._take_burst()
-            if burst:
-                self._publish(conn, burst)
-                continue
-            if closing:
-                return
-            self._check_current(epoch)
-            for fd, _ in poller.poll():
-                if fd != self._notify_waker.fd:
-                    pgconn.consume_input()
-                    if pgconn.status != pq.ConnStatus.OK:
-                        raise OperationalError("the connection is no longer usable")
-
-    def _publish(self, conn: psycopg.Connection[Any], burst: list[tuple[str, str]]) -> None:
-        import psycopg
-
-        try:
-            conn.execute(NOTIFY_SQL, ([c for c, _ in burst], [p for _, p in burst]))
-        except psycopg.Error as exc:
-            if conn.broken or conn.closed:
-                raise
-            # Refused by a healthy server (its notification queue full, a statement timeout):
-            # these frames are lost, the connection is kept; peers see the sequence gap.
-            with self._queue_lock:
-                self._in_flight = 0
-                self.send_failed += len(burst)
-            self.last_error = f"notify: {_reason(exc)}"
-            if not self._send_failure_logged:
-                self._send_failure_logged = True
-                logger.warning(
-                    "mesh: postgresql transport could not publish %d frame(s): %s",
-                    len(burst),
-                    _reason(exc),
-                )
-            return
-        with self._queue_lock:
-            self._in_flight = 0
-        if self._send_failure_logged:
-            self._send_failure_logged = False
-            logger.info("mesh: postgresql transport publishes again")
-        self.frames_sent += len(burst)
-        self.round_trips += 1
-        self.largest_burst = max(self.largest_burst, len(burst))
