@@ -68,7 +68,19 @@ def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> 
         else:
             # A new op code needs its rule here (and in single_op): never sent as another.
             raise ValueError(f"no coalescing rule for {code!r}")
-    ops = [Op(location, clear, None) for location in cleared]
+    return _merged(cleared, keys, tags, patterns)
+
+
+def _merged(
+    cleared: set[str],
+    keys: dict[str, dict[str, bytes | None]],
+    tags: dict[str, dict[str, None]],
+    patterns: dict[str, dict[str, None]],
+) -> list[Op]:
+    """What the coalesced invalidations are sent as: clears first, then per cache its
+    deletes, deletes unless the value is the same (by digest), tags and patterns."""
+    delete, delete_unless = OpCode.DELETE, OpCode.DELETE_UNLESS
+    ops = [Op(location, OpCode.CLEAR, None) for location in cleared]
     digest = protocol.digest
     for location, entries in keys.items():
         deletes = [key for key, stored in entries.items() if stored is None]
@@ -77,7 +89,7 @@ def coalesce(queue: Sequence[tuple[str, OpCode, Any]], overflowed: set[str]) -> 
             ops.append(Op(location, delete, deletes))
         if unless:
             ops.append(Op(location, delete_unless, unless))
-    ops.extend(Op(location, tags_code, list(names)) for location, names in tags.items())
+    ops.extend(Op(location, OpCode.TAGS, list(names)) for location, names in tags.items())
     for location, names in patterns.items():
         ops.extend(Op(location, OpCode.PATTERN, pattern) for pattern in names)
     return ops

@@ -185,18 +185,7 @@ class Receiver(NodePart):
             tag = data[-protocol.TAG_SIZE :]
             seen = recent.get(tag)
             if seen is not None and seen[1] == hash(data):
-                self.counters.duplicates += 1
-                # Binding the pipe it came on tells which pair's link to park; only a copy of
-                # its sender's latest frame, close behind the original, may: an older frame
-                # replayed must not own a pipe.
-                sender = self.table.peers.get(seen[0])
-                if (
-                    sender is not None
-                    and message.source is not None
-                    and sender.latest_tag == tag
-                    and now - seen[2] <= DUPLICATE_BIND_WINDOW
-                ):
-                    self._node.links.bind(message.source, seen[0], self._node.node_id)
+                self._copy_seen(message, tag, seen, now)
                 continue
             try:
                 frame = self._node.codec.decode(data)
@@ -225,6 +214,23 @@ class Receiver(NodePart):
         if self._node.links.closing:
             self._node.links.close_parked_dialers()
 
+    def _copy_seen(
+        self, message: Received, tag: bytes, seen: tuple[bytes, int, float], now: float
+    ) -> None:
+        """A copy of a frame accepted already (``seen``: its origin, hash, when)."""
+        self.counters.duplicates += 1
+        # Binding the pipe it came on tells which pair's link to park; only a copy of its
+        # sender's latest frame, close behind the original, may: an older frame replayed must
+        # not own a pipe.
+        sender = self.table.peers.get(seen[0])
+        if (
+            sender is not None
+            and message.source is not None
+            and sender.latest_tag == tag
+            and now - seen[2] <= DUPLICATE_BIND_WINDOW
+        ):
+            self._node.links.bind(message.source, seen[0], self._node.node_id)
+
     def _reject(self, reason: str) -> None:
         self.counters.frames_rejected += 1
         self.counters.rejected_by_reason[reason] += 1
@@ -236,20 +242,10 @@ class Receiver(NodePart):
         """Check one verified frame; queue its ops. Returns whether it was fresh (not a copy
         or a replay) and whether caches must be flushed."""
         origin = frame.origin
-        if origin == self._node.node_id:
-            if pipe is not None:
-                self._node.links.from_self(pipe)
-            return False, False
         table = self.table
-        with self.lock:
-            owner = self._node.links.pipe_owner.get(pipe.id) if pipe is not None else None
-            if owner is not None and owner != origin:
-                # An authenticated peer speaking for another node on its own pipe.
-                self._reject("foreign_origin")
-                return False, False
-            peer = table.peers.get(origin)
-            if peer is None:
-                peer = table.add(origin)
+        peer = self._sender_of(frame, pipe)
+        if peer is None:
+            return False, False
         flush = False
         if frame.epoch != peer.epoch:
             epoch = table.enter_epoch(peer, frame.epoch)
@@ -286,6 +282,22 @@ class Receiver(NodePart):
                 flush |= verdict is _MISSED or (verdict is _GAP and self._gap(peer))
             self.control_handlers[kind](peer, frame.body, was_alive)
         return True, flush
+
+    def _sender_of(self, frame: Frame, pipe: Any) -> Peer | None:
+        """The peer a verified frame speaks for; None for our own frames, or a frame an
+        authenticated peer sent on another node's pipe."""
+        origin = frame.origin
+        if origin == self._node.node_id:
+            if pipe is not None:
+                self._node.links.from_self(pipe)
+            return None
+        with self.lock:
+            owner = self._node.links.pipe_owner.get(pipe.id) if pipe is not None else None
+            if owner is not None and owner != origin:
+                # An authenticated peer speaking for another node on its own pipe.
+                self._reject("foreign_origin")
+                return None
+            return self.table.peers.get(origin) or self.table.add(origin)
 
     def _track_invalidate(
         self,
