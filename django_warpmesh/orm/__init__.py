@@ -52,7 +52,9 @@ from django.dispatch import Signal
 
 from django_warpmesh.cache import add_store_guard, invalidate_tags
 from django_warpmesh.conf import get_settings, running_migration_command
-from django_warpmesh.tags import conflicts, row_tag, table_tag
+from django_warpmesh.orm import watched
+from django_warpmesh.orm.watched import _row_tags, _Side, selected_models, unknown_labels
+from django_warpmesh.tags import conflicts, table_tag
 
 logger = logging.getLogger("django_warpmesh")
 
@@ -120,62 +122,6 @@ class _ThreadState(threading.local):
 _state = _ThreadState()
 
 
-class _Side(NamedTuple):
-    """A column holding primary keys of ``model``: a foreign key of an auto-created through
-    table, or a table's own primary key."""
-
-    column: str
-    model: type[models.Model]
-    field: models.Field[Any, Any]
-
-
-class _Registry:
-    """Which models are watched, and the tables they live in."""
-
-    def __init__(self) -> None:
-        self.models: list[type[models.Model]] = []
-        self.tables: frozenset[str] = frozenset()
-        # For a watched table: its own and its concrete parents' tables (multi-table inheritance).
-        self.lineage: dict[type[models.Model], tuple[str, ...]] = {}
-        # For a DELETE on a table: tables whose rows a database-level cascade may remove.
-        self.referencing: dict[str, frozenset[str]] = {}
-        # For a watched model's table (and its parents'): its primary key, which claims name.
-        self.primary_keys: dict[str, _Side] = {}
-        # Through models of your own: m2m_changed (Django never bulk-adds to them quietly).
-        self.through: list[type[models.Model]] = []
-        # Auto-created through tables: the execute wrapper reads their rows, both sides.
-        self.auto_through: dict[str, tuple[_Side, ...]] = {}
-
-
-_registry = _Registry()
-
-
-def selected_models() -> list[type[models.Model]]:
-    """The concrete models whose writes are caught, after ORM_INCLUDE / ORM_EXCLUDE."""
-    config = get_settings()
-    chosen = []
-    for model in apps.get_models(include_auto_created=False):
-        meta = model._meta
-        if meta.app_label == "django_warpmesh":
-            continue  # The peer table is written by every node every few seconds.
-        labels = {meta.app_label, meta.label}
-        if config.orm_include and not labels & set(config.orm_include):
-            continue
-        if labels & set(config.orm_exclude):
-            continue
-        chosen.append(model)
-    return chosen
-
-
-def unknown_labels() -> list[str]:
-    """ORM_INCLUDE / ORM_EXCLUDE entries naming no installed app or model (system check)."""
-    config = get_settings()
-    known = set()
-    for model in apps.get_models():
-        known.update({model._meta.app_label, model._meta.label})
-    return [label for label in (*config.orm_include, *config.orm_exclude) if label not in known]
-
-
 def install() -> None:
     """Connect the hooks for the current settings (again, if they changed). Idempotent."""
     uninstall()
@@ -189,43 +135,8 @@ def install() -> None:
             f"{', '.join(unknown)}."
         )
     chosen = selected_models()
-    registry = _Registry()
-    registry.models = chosen
-    tables: set[str] = set()
-    for model in chosen:
-        # A proxy's rows live in its concrete model's table (and its parents', if any).
-        concrete = model._meta.concrete_model or model
-        lineage = [concrete._meta.db_table]
-        lineage += [parent._meta.db_table for parent in concrete._meta.get_parent_list()]
-        registry.lineage[model] = tuple(dict.fromkeys(lineage))
-        tables.update(lineage)
-        for owner in (concrete, *concrete._meta.get_parent_list()):
-            key = owner._meta.pk
-            if key is not None and key.column:
-                registry.primary_keys[owner._meta.db_table] = _Side(key.column, owner, key)
-        for m2m in model._meta.local_many_to_many:
-            through: Any = m2m.remote_field.through
-            if not (isinstance(through, type) and issubclass(through, models.Model)):
-                continue
-            tables.add(through._meta.db_table)
-            if through._meta.auto_created:
-                registry.auto_through[through._meta.db_table] = _sides(through)
-            elif through not in registry.through:
-                registry.through.append(through)
-    referencing: dict[str, set[str]] = {}
-    for model in apps.get_models(include_auto_created=True):
-        for field in model._meta.concrete_fields:
-            target: Any = getattr(field.remote_field, "model", None) if field.is_relation else None
-            if (
-                isinstance(target, type)
-                and issubclass(target, models.Model)
-                and (model._meta.db_table in tables)
-            ):
-                referencing.setdefault(target._meta.db_table, set()).add(model._meta.db_table)
-    registry.tables = frozenset(tables)
-    registry.referencing = {table: frozenset(refs) for table, refs in referencing.items()}
-    global _registry
-    _registry = registry
+    registry = watched._build_registry(chosen)
+    watched._registry = registry
     for model in chosen:
         uid = f"{_DISPATCH}.{model._meta.label}"
         pre_save.connect(_claim, sender=model, dispatch_uid=uid, weak=False)
@@ -242,28 +153,19 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    for model in _registry.models:
+    for model in watched._registry.models:
         uid = f"{_DISPATCH}.{model._meta.label}"
         for signal in (pre_save, pre_delete, post_save, post_delete):
             signal.disconnect(sender=model, dispatch_uid=uid)
-    for through in _registry.through:
+    for through in watched._registry.through:
         m2m_changed.disconnect(sender=through, dispatch_uid=f"{_DISPATCH}.{through._meta.label}")
     connection_created.disconnect(dispatch_uid=_DISPATCH)
     request_finished.disconnect(dispatch_uid=_DISPATCH)
-    _registry.models = []
-    _registry.through = []
-    _registry.auto_through = {}
-    _registry.primary_keys = {}
-    _registry.tables = frozenset()
-
-
-def _sides(through: type[models.Model]) -> tuple[_Side, ...]:
-    sides = []
-    for field in through._meta.concrete_fields:
-        target: Any = getattr(field.remote_field, "model", None) if field.is_relation else None
-        if isinstance(target, type) and issubclass(target, models.Model) and field.column:
-            sides.append(_Side(field.column, target, field))
-    return tuple(sides)
+    watched._registry.models = []
+    watched._registry.through = []
+    watched._registry.auto_through = {}
+    watched._registry.primary_keys = {}
+    watched._registry.tables = frozenset()
 
 
 def _reinstall(**kwargs: Any) -> None:
@@ -325,11 +227,6 @@ def _uncommitted_by_this_thread(tags: tuple[str, ...]) -> bool:
 add_store_guard(_uncommitted_by_this_thread)
 
 
-def _row_tags(model: type[models.Model], pk: object) -> tuple[str, ...]:
-    lineage = _registry.lineage.get(model, (model._meta.db_table,))
-    return tuple(row_tag(table, pk) for table in lineage)
-
-
 # -- signals ----------------------------------------------------------------------------------
 
 
@@ -352,10 +249,10 @@ def _claim(sender: type[models.Model], instance: models.Model | None = None, **k
         claim = _Claim(frame)
         claims.append(claim)
     pk = None if instance is None else instance.pk
-    for table in _registry.lineage.get(sender, ()):
+    for table in watched._registry.lineage.get(sender, ()):
         if claim.saving:
             claim.inserts.add(table)
-        key = _registry.primary_keys.get(table)
+        key = watched._registry.primary_keys.get(table)
         if pk is not None and key is not None:
             # A pk the field cannot read claims nothing: its statements invalidate table-wide.
             with contextlib.suppress(_NotUnderstood):
@@ -421,7 +318,7 @@ def tables_in(
     more than one block comment), every word counts, in strings and comments too: more tables,
     never fewer.
     """
-    index = _index(_registry.tables if among is None else among)
+    index = _index(watched._registry.tables if among is None else among)
     if loose or "\\" in sql or "$" in sql or sql.count("/*") > 1:
         names = {word.lower() for word in _WORD.findall(sql)}
         found = {table for name in names & index.folded.keys() for table in index.folded[name]}
@@ -549,7 +446,7 @@ def _text_of(sql: Any, context: dict[str, Any]) -> tuple[str, bool]:
 def _execute_wrapper(
     execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict[str, Any]
 ) -> Any:
-    if _state.disabled or not _registry.tables:
+    if _state.disabled or not watched._registry.tables:
         return execute(sql, params, many, context)
     if isinstance(sql, str):
         if sql.startswith(_READ_PREFIXES) and ";" not in sql:
@@ -589,13 +486,13 @@ def _write_tags(
     """What a write naming ``tables`` (none of them claimed by a save or delete) invalidates."""
     if not tables:
         return ()
-    through = _registry.auto_through.keys()
+    through = watched._registry.auto_through.keys()
     if not deleting and through.isdisjoint(tables):
         return tuple(table_tag(table) for table in sorted(tables))
     cascaded: set[str] = set()
     if deleting:
         for table in tables:
-            cascaded |= _registry.referencing.get(table, frozenset())
+            cascaded |= watched._registry.referencing.get(table, frozenset())
         cascaded -= tables
     tags = [table_tag(table) for table in sorted((tables | cascaded) - through)]
     named = sorted(tables & through)
@@ -614,7 +511,7 @@ def _m2m_tags(
 ) -> list[str]:
     """Tags for a statement naming an auto-created through table: the rows of both sides it
     writes where the statement says which, else (never less than that) their whole tables."""
-    sides = _registry.auto_through[table]
+    sides = watched._registry.auto_through[table]
     tags = [table_tag(table)]
     target = None if statement is None else statement.target
     if target is not None and not _names(target, table, vendor):
@@ -663,7 +560,11 @@ def _take_claim(text: str, params: Any, many: bool, tables: set[str], vendor: st
     # about to delete (where constraint checks cannot be deferred, as on MySQL, Django first
     # sets their nullable foreign keys to NULL): post_delete will name those rows.
     expected = "UPDATE" if claim.saving else "DELETE"
-    rows, key, where = claim.rows.get(table), _registry.primary_keys.get(table), statement.where()
+    rows, key, where = (
+        claim.rows.get(table),
+        watched._registry.primary_keys.get(table),
+        statement.where(),
+    )
     if statement.verb not in (expected, "UPDATE") or not rows or not key or not where:
         return None
     try:
