@@ -16,18 +16,28 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
+from django_warpmesh.cache import add_store_guard
 from django_warpmesh.conf import get_settings
 from django_warpmesh.orm import watched
 from django_warpmesh.orm.claims import _claim, _drop_all_claims
 from django_warpmesh.orm.execute_wrapper import _on_connection_created, _wrap
 from django_warpmesh.orm.receivers import _on_deleted, _on_m2m_changed, _on_saved
+from django_warpmesh.orm.transactions import _uncommitted_by_this_thread
 from django_warpmesh.orm.watched import selected_models, unknown_labels
 
 _DISPATCH = "django_warpmesh.orm"
 
 
 def install() -> None:
-    """Connect the hooks for the current settings (again, if they changed). Idempotent."""
+    """Connect the hooks for the current settings (again, if they changed). Idempotent.
+
+    The app's ``ready()`` calls it; nothing is connected on import. Whatever the settings, and
+    before it can find them invalid, it also has every later change of WARPMESH install the hooks
+    again (``override_settings``), and the cache refuse to store a value tagged with what this
+    thread wrote in a transaction still open.
+    """
+    setting_changed.connect(_reinstall, dispatch_uid=f"{_DISPATCH}.reinstall")
+    add_store_guard(_uncommitted_by_this_thread)
     uninstall()
     config = get_settings()
     if not config.orm:
@@ -80,6 +90,3 @@ def _reinstall(**kwargs: Any) -> None:
             install()
         except ImproperlyConfigured:
             uninstall()  # Invalid settings: the settings check reports them.
-
-
-setting_changed.connect(_reinstall, dispatch_uid=f"{_DISPATCH}.reinstall")

@@ -14,7 +14,7 @@ import functools
 
 from django.db import connections, transaction
 
-from django_warpmesh.cache import add_store_guard, invalidate_tags
+from django_warpmesh.cache import invalidate_tags
 from django_warpmesh.conf import running_migration_command
 from django_warpmesh.orm.state import _state
 from django_warpmesh.tags import conflicts
@@ -37,7 +37,8 @@ def invalidate_for_write(tags: tuple[str, ...], using: str | None) -> None:
 
 
 def _uncommitted_by_this_thread(tags: tuple[str, ...]) -> bool:
-    """Store guard: False for a value tagged with what this thread wrote in an open transaction."""
+    """Store guard (``install()`` adds it): False for a value tagged with what this thread wrote
+    in an open transaction."""
     dirty = _state.dirty
     if not dirty:
         return True
@@ -47,6 +48,3 @@ def _uncommitted_by_this_thread(tags: tuple[str, ...]) -> bool:
         elif conflicts(tags, dirty[alias]):
             return False
     return True
-
-
-add_store_guard(_uncommitted_by_this_thread)
