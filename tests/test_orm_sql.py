@@ -1,6 +1,6 @@
 """The execute wrapper on statements as other databases spell them, without running them.
 
-Each statement goes through ``orm._execute_wrapper`` with a stand-in for the database call and a
+Each statement goes through ``_execute_wrapper`` with a stand-in for the database call and a
 connection of the given vendor; the tests look at which tagged cache entries it evicts.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from django.core.cache import cache
 
-from django_warpmesh import orm
 from django_warpmesh.cache import get_store
+from django_warpmesh.orm.execute_wrapper import _execute_wrapper
 from tests.testapp.models import Place, Product, Restaurant, Tag
 
 PRODUCTS = {f"p{pk}": Product(pk=pk) for pk in (1, 2, 3)}
@@ -42,7 +42,7 @@ def run(sql: Any, params: Any, *, vendor: str, many: bool = False) -> None:
         return None
 
     connection = SimpleNamespace(alias="default", vendor=vendor)
-    orm._execute_wrapper(execute, sql, params, many, {"connection": connection, "cursor": None})
+    _execute_wrapper(execute, sql, params, many, {"connection": connection, "cursor": None})
 
 
 def evicted_by(sql: str, params: Any, *, vendor: str, many: bool = False) -> set[str]:
