@@ -59,7 +59,7 @@ def _queryset(kind: str, i: int) -> Any:
 
 def cached_read(key: str, make_queryset: Callable[[], Any]) -> list[Any]:
     """The cached read under test."""
-    from django_warpmesh.helpers import cached_queryset
+    from django_warpmesh.cached import cached_queryset
 
     return cached_queryset(make_queryset(), None, cache="mesh", key=key)
 

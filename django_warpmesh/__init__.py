@@ -19,8 +19,8 @@ def mesh_stats() -> dict[str, Any]:
 
 _LAZY = {
     "invalidate": "django_warpmesh.cache",
-    "cached_as": "django_warpmesh.helpers",
-    "cached_queryset": "django_warpmesh.helpers",
+    "cached_as": "django_warpmesh.cached",
+    "cached_queryset": "django_warpmesh.cached",
     "no_invalidation": "django_warpmesh.orm",
 }
 

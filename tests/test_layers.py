@@ -44,6 +44,7 @@ def test_importing_the_package_wires_nothing() -> None:
             "settings.configure()",
             "import django_warpmesh.cache, django_warpmesh.conf, django_warpmesh.checks",
             "import django_warpmesh.node_factory, django_warpmesh.contrib.cachalot",
+            "import django_warpmesh.orm, django_warpmesh.observe, django_warpmesh.views",
             "from django.core.signals import setting_changed",
             "from django_warpmesh.node import process",
             "assert not process._hooked",

@@ -203,6 +203,10 @@ class Receiver(NodePart):
                 recent[tag] = (frame.origin, hash(data), now)
                 if len(recent) > RECENT_TAGS:
                     recent.popitem(last=False)
+        self._apply(by_location, flush)
+
+    def _apply(self, by_location: dict[str, list[Op]], flush: bool) -> None:
+        """A batch's invalidations, in bulk per cache, after the flush it called for."""
         if flush:
             self._flush_all()
         for location, ops in by_location.items():
