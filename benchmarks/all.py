@@ -1,6 +1,6 @@
 """Every benchmark of issue 8 in one run, side by side, and the report.
 
-    benchmarks/run [--quick] [--only 1,2,3,4,5,6,7] [--output DIR]
+    benchmarks/run [--quick] [--only 1,2,3,4,5,6,7,8] [--output DIR]
 
 Runs the sections in order, prints each table as it is measured, then writes
 ``DIR/benchmarks.md`` and ``DIR/benchmarks-latency.png``. ``DIR`` is ``docs/`` for a full run; a
@@ -21,7 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import churn, host, latency, loaded, ops, orm, procs, report, scale, throughput
+from benchmarks import (
+    churn,
+    host,
+    latency,
+    loaded,
+    ops,
+    orm,
+    procs,
+    report,
+    scale,
+    throughput,
+    transport_compare,
+)
 from benchmarks.common import LoadMeter, Section, machine
 from tests.cluster import ROOT
 
@@ -33,6 +45,7 @@ TITLES = {
     5: "ORM: cached queryset hit vs the query",
     6: "Churn: workers replaced, short-lived writers",
     7: "Loaded workers",
+    8: transport_compare.TITLE,
 }
 
 
@@ -60,7 +73,9 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds: about 5 minutes")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="sections to run, e.g. 1,3")
+    parser.add_argument(
+        "--only", default=",".join(map(str, TITLES)), help="sections to run, e.g. 1,3"
+    )
     parser.add_argument("--output", type=Path, help="where to write the report")
     args = parser.parse_args(argv)
     selected = {int(part) for part in args.only.split(",") if part.strip()}
@@ -80,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         5: lambda: [orm.run(quick)],
         6: lambda: [churn.run(quick)],
         7: lambda: [loaded.run(quick)],
+        8: lambda: [transport_compare.run(quick)],
     }
     sections: list[Section] = []
     try:
