@@ -155,7 +155,9 @@ def _postgresql_unavailable(url: str, size: int) -> str | None:
             ).fetchone()
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()
-        return f"no PostgreSQL server at {urlsplit(url).netloc} ({first[0] if first else exc})"
+        parts = urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or 5432}"
+        return f"no PostgreSQL server at {where} ({first[0] if first else exc})"
     free = limit - used - (0 if superuser else reserved)
     needed = 2 * size
     if needed + POSTGRESQL_HEADROOM > free:
