@@ -229,6 +229,7 @@ def machine() -> dict[str, str]:
         "redis-py": version("redis"),
         "django-redis": version("django-redis"),
         "nats-py": version("nats-py"),
+        "psycopg": version("psycopg"),
     }
 
 
