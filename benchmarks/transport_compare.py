@@ -55,6 +55,7 @@ TRANSPORTS = (
     Transport("postgresql", "PostgreSQL", POSTGRESQL_URL),
 )
 BROKERS = TRANSPORTS[1:]
+LABELS = {transport.key: transport.label for transport in TRANSPORTS}
 BOOTSTRAP = 400  # resamples for the standard error of a p99
 # A busy window this long or longer is not the GIL's doing (5 ms a hand-off): see _busy_table.
 STALL_US = 500_000
@@ -450,7 +451,7 @@ def _busy_table(section: Section, plan: Plan, results: Results) -> None:
         "threads (no GIL) receive, so a receiver's read drains the frame with no hand-off."
     )
     stalls = [
-        f"{transport} at {size} processes, {loaded._slice(slice_us)} slices: "
+        f"{LABELS[transport]} at {size} processes, {loaded._slice(slice_us)} slices: "
         + ", ".join(fmt_us(value) for value in sorted(result.windows) if value >= STALL_US)
         for (transport, size, slice_us), result in results.busy.items()
         if any(value >= STALL_US for value in result.windows)
@@ -581,7 +582,7 @@ def _targets(section: Section, results: Results) -> None:
     lost = {
         key: row.lost + sum(row.incidents.values()) for key, row in sorted(results.rows.items())
     }
-    bad = [f"{transport} at {size}: {count}" for (transport, size), count in lost.items() if count]
+    bad = [f"{LABELS[key]} at {size}: {count}" for (key, size), count in lost.items() if count]
     section.targets.append(
         Target(
             "every transport, every size: nothing lost",
@@ -590,5 +591,5 @@ def _targets(section: Section, results: Results) -> None:
             "see the never gone column",
         )
     )
-    for (transport, size), reason in sorted(results.missing.items()):
-        section.notes.append(f"{transport} at {size} processes: not measured: {reason}.")
+    for (key, size), reason in sorted(results.missing.items()):
+        section.notes.append(f"{LABELS[key]} at {size} processes: not measured: {reason}.")
