@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -176,6 +177,21 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def process_resources(pid: int) -> dict[str, float]:
+    """Another process's CPU-seconds (all its threads), read from here as a worker reads its own
+    (:func:`benchmarks.worker.resources`; no RSS): a server's, say. The scheduler's own count of
+    each thread's run time, in ns (``/proc/PID/task/*/schedstat``), not the clock ticks of
+    ``/proc/PID/stat``: a PostgreSQL backend spends well under a tick on one notification.
+    Threads that have exited are not counted."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        path = f"/proc/{pid}/task/{task}/schedstat"
+        # A thread that exits meanwhile is gone from both counts.
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="ascii") as schedstat:
+            total += int(schedstat.read().split()[0])
+    return {"cpu_s": total / 1e9, "rss": math.nan, "at_s": time.monotonic()}
+
+
 # -- machine description ---------------------------------------------------------------------------
 
 
@@ -213,6 +229,7 @@ def machine() -> dict[str, str]:
         "redis-py": version("redis"),
         "django-redis": version("django-redis"),
         "nats-py": version("nats-py"),
+        "psycopg": version("psycopg"),
     }
 
 

@@ -489,6 +489,16 @@ def _block(
     result.switch_interval = float(reports[0]["switch_interval"])
 
 
+def measure(fleet: Fleet, slice_us: int, plan: Plan) -> Result:
+    """``fleet``'s system alone at one slice length (its transport open and warmed up): what
+    its processes spend with nobody writing, then ``plan.blocks`` blocks of rounds."""
+    result = Result()
+    idle = _idle_rates(fleet, slice_us, plan)
+    for _ in range(plan.blocks):
+        _block(fleet, slice_us, plan, idle, result)
+    return result
+
+
 def drain_setting_known() -> bool:
     """Whether this version of django-warpmesh has ``WARPMESH['DRAIN_ON_READ']``."""
     from django.core.exceptions import ImproperlyConfigured

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -242,31 +243,32 @@ def mesh_fleet(
     env: dict[str, str] | None = None,
     connect_timeout: float = 60.0,
     start_timeout: float = 60.0,
+    transport: str = "nng",
     **warpmesh: Any,
 ) -> Iterator[list[Worker]]:
-    """``size`` workers on 127.0.0.1, each listing all the others, connected and ready.
+    """``size`` workers on 127.0.0.1, each connected to all the others, and ready.
 
-    Every process starts at once and says hello within ``start_timeout``; then every node starts
-    at once, and each is connected to all the others within ``connect_timeout``. Each worker
-    keeps when it was spawned, said hello and was connected (``spawned_ns``, ``hello_ns``,
-    ``connected_ns``).
+    ``transport`` is their ``WARPMESH["TRANSPORT"]``: with ``"nng"`` each listens on a port of
+    its own and lists every other's address in ``PEERS``; with a broker (a ``nats://`` or
+    ``postgresql://`` URL) none listens or dials, and connected means subscribed to the broker
+    (the node's transport link up) and every other node heard (its heartbeats, through the
+    broker). Every process starts at once and says hello within ``start_timeout``; then every
+    node starts at once, and each is connected to all the others within ``connect_timeout``.
+    Each worker keeps when it was spawned, said hello and was connected (``spawned_ns``,
+    ``hello_ns``, ``connected_ns``).
     """
-    ports = free_ports(size)
-    addresses = [f"127.0.0.1:{port}" for port in ports]
-    specs = [
-        (
-            f"node{index}",
-            {
-                "BIND": "127.0.0.1",
-                "PORT": port,
-                "PORT_RANGE": 1,
-                "PEERS": addresses,
-                **warpmesh,
-            },
-            env,
-        )
-        for index, port in enumerate(ports)
-    ]
+    if transport == "nng":
+        ports = free_ports(size)
+        addresses = [f"127.0.0.1:{port}" for port in ports]
+        configs = [
+            {"BIND": "127.0.0.1", "PORT": port, "PORT_RANGE": 1, "PEERS": addresses}
+            for port in ports
+        ]
+    else:
+        # A secret of the fleet's own: a channel of its own on the broker (named after the frame
+        # key), so no other fleet's frames (another run, a test suite's) reach it.
+        configs = [{"TRANSPORT": transport, "SECRET": secrets.token_hex(16)}] * size
+    specs = [(f"node{index}", {**config, **warpmesh}, env) for index, config in enumerate(configs)]
     workers = spawn(specs, start_timeout)
     try:
         # Every node at once, as a fleet deployed together starts serving together; one by one,

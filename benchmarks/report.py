@@ -15,7 +15,7 @@ PLOT_NAME = "benchmarks-latency.png"
 
 def server_versions() -> dict[str, str]:
     """Versions of the local servers the comparisons talk to (n/a when unreachable)."""
-    versions = {"Redis": "n/a", "NATS": "n/a"}
+    versions = {"Redis": "n/a", "NATS": "n/a", "PostgreSQL": "n/a"}
     with contextlib.suppress(Exception):
         import redis
 
@@ -26,6 +26,16 @@ def server_versions() -> dict[str, str]:
         # A NATS server greets every client with INFO {json}.
         greeting = conn.recv(4096).decode()
         versions["NATS"] = str(json.loads(greeting.split(" ", 1)[1])["version"])
+    with contextlib.suppress(Exception):
+        import psycopg
+
+        from benchmarks.transport_compare import POSTGRESQL_URL
+
+        with psycopg.connect(POSTGRESQL_URL, connect_timeout=2) as connection:
+            row = connection.execute(
+                "SELECT current_setting('server_version'), current_setting('max_connections')"
+            ).fetchone()
+            versions["PostgreSQL"] = f"{row[0]} (max_connections {row[1]})" if row else "n/a"
     return versions
 
 

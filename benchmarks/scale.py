@@ -13,7 +13,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from benchmarks.common import (
     Distribution,
@@ -24,6 +24,7 @@ from benchmarks.common import (
     fmt_pct,
     fmt_us,
     median,
+    process_resources,
 )
 from benchmarks.latency import GAP_S, WAIT_S
 from benchmarks.procs import Worker, call_all, mesh_fleet, spawn
@@ -56,6 +57,7 @@ INCIDENTS = (
     "send_errors",
     "frames_rejected",
     "pipes_dropped",
+    "transport_losses",
 )
 START_TIMEOUT = 180.0  # spawn → every process said hello (64 took ~30 s here)
 CONNECT_TIMEOUT = 180.0  # every node started → every node has every peer
@@ -122,10 +124,13 @@ class Row:
     lost: int = 0  # (write, receiver) pairs whose key never went
     incidents: dict[str, int] = dataclasses.field(default_factory=dict)
     cpu_s: list[float] = dataclasses.field(default_factory=list)  # beyond idle, writer first
-    fleet_cpu_s: float = math.nan  # beyond idle, the whole fleet
-    fleet_cpu_error_us: float = math.nan  # standard error of the per-write figure over blocks
+    # The whole fleet's CPU per write beyond idle (µs), block by block; and the same of the
+    # broker's processes that serve the fleet (none with nng).
+    block_cpu_us: list[float] = dataclasses.field(default_factory=list)
+    block_broker_us: list[float] = dataclasses.field(default_factory=list)
     rss: float = math.nan  # median over the fleet
     idle_pct: list[float] = dataclasses.field(default_factory=list)  # % of one core, each
+    broker_idle_pct: list[float] = dataclasses.field(default_factory=list)  # each broker process
     idle_s: float = math.nan
     heartbeat_s: float | None = None  # the period the nodes reported (None: not reported)
 
@@ -138,7 +143,12 @@ class Row:
 
     @property
     def fleet_cpu_us(self) -> float:
-        return self.fleet_cpu_s / self.writes * 1e6 if self.writes else math.nan
+        """The whole fleet's CPU per write beyond idle (µs): the mean over the blocks."""
+        return PerBlock.of(self.block_cpu_us).mean
+
+    @property
+    def fleet_cpu_error_us(self) -> float:
+        return PerBlock.of(self.block_cpu_us).error
 
     @property
     def startup(self) -> float:
@@ -150,38 +160,73 @@ class Row:
         return max(self.connected_s, default=math.nan)
 
 
+@dataclasses.dataclass(frozen=True)
+class PerBlock:
+    """A per-write figure measured block by block: its mean (never below zero: what idle
+    costs is subtracted, and a small cost may come out negative) and the mean's standard error
+    (NaN with one block)."""
+
+    mean: float
+    error: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> PerBlock:
+        if not values:
+            return cls(math.nan, math.nan)
+        error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        return cls(max(0.0, statistics.fmean(values)), error)
+
+    def __str__(self) -> str:
+        return fmt_us(self.mean) + ("" if math.isnan(self.error) else f" ± {fmt_us(self.error)}")
+
+
+class Meter:
+    """CPU readings of a fleet's workers (each reads its own) and of the broker's processes that
+    serve it (``pids``, read from here), in that order, as :func:`benchmarks.worker.resources`
+    gives them."""
+
+    def __init__(self, workers: Sequence[Worker], pids: Sequence[int] = ()) -> None:
+        self.workers = workers
+        self.pids = tuple(pids)
+
+    def read(self) -> list[dict[str, float]]:
+        # Every call to the whole fleet goes to all its processes at once: one by one, each
+        # answer would wait for a core behind the others.
+        return call_all(self.workers, "worker:resources") + [
+            process_resources(pid) for pid in self.pids
+        ]
+
+
 def _counters(workers: Sequence[Worker]) -> list[dict[str, int]]:
     return [status["counters"] for status in call_all(workers, "worker:mesh_status")]
 
 
 def _write(
-    workers: Sequence[Worker], keys: list[str], gap_s: tuple[float, float]
+    meter: Meter, keys: list[str], gap_s: tuple[float, float]
 ) -> tuple[list[int], list[dict[str, int | None]], list[dict[str, float]], list[dict[str, float]]]:
     """Arm ``keys`` on the receivers, write them on the writer, ``gap_s`` apart, and wait for them
     to go: when each was written, when it went on each receiver, and every process's resources
     just before the first write and once the last key went (or was given up on)."""
-    writer, *receivers = workers
-    # Every call to the whole fleet goes to all its processes at once: one by one, each answer
-    # would wait for a core behind the others.
+    writer, *receivers = meter.workers
     call_all(receivers, "transports:arm", system="mesh", keys=keys)
     gaps = [random.uniform(*gap_s) for _ in keys]
-    before = call_all(workers, "worker:resources")
+    before = meter.read()
     sent = writer.call(
         "transports:write", timeout=60 + 2 * sum(gaps), system="mesh", keys=keys, gaps=gaps
     )
     gone = call_all(
         receivers, "transports:wait", timeout=WAIT_S + 60, system="mesh", keys=keys, within=WAIT_S
     )
-    after = call_all(workers, "worker:resources")
+    after = meter.read()
     return sent, gone, before, after
 
 
-def _idle(workers: Sequence[Worker], seconds: float) -> list[tuple[float, float]]:
+def _idle(meter: Meter, seconds: float) -> list[tuple[float, float]]:
     """Each process's CPU-seconds over ``seconds`` of nothing written, and the seconds, as
     the process read both (each its own clock: the readings do not happen all at once)."""
-    before = call_all(workers, "worker:resources")
+    before = meter.read()
     time.sleep(seconds)
-    after = call_all(workers, "worker:resources")
+    after = meter.read()
     return [
         (a["cpu_s"] - b["cpu_s"], a["at_s"] - b["at_s"]) for b, a in zip(before, after, strict=True)
     ]
@@ -247,14 +292,29 @@ def _latencies(
             row.all_gone.append(max(spans))
 
 
-def _measure(size: Size, plan: Plan) -> Row:
+def measure(
+    size: Size,
+    plan: Plan,
+    transport: str = "nng",
+    brokers: Callable[[Sequence[Worker]], Sequence[int]] | None = None,
+    then: Callable[[list[Worker], Row], None] | None = None,
+) -> Row:
+    """One fleet of ``size.processes`` whose nodes use ``transport`` (see :func:`mesh_fleet`),
+    measured as this module says. ``brokers(workers)``: the pids of the broker's processes that
+    serve the fleet, whose CPU is measured along with the fleet's (and reported apart).
+    ``then(workers, row)``: more measurements in the same fleet, after these."""
     with mesh_fleet(
-        size.processes, connect_timeout=CONNECT_TIMEOUT, start_timeout=START_TIMEOUT
+        size.processes,
+        connect_timeout=CONNECT_TIMEOUT,
+        start_timeout=START_TIMEOUT,
+        transport=transport,
     ) as workers:
         row = _connected(workers)
         row.gap_s = size.gap_s
+        meter = Meter(workers, brokers(workers) if brokers else ())
+        fleet = len(workers)  # the readings of the fleet's processes; the broker's after them
         call_all(workers, "transports:open_transport", system="mesh")
-        _write(workers, [f"warm-{i}" for i in range(plan.warmup_writes)], size.gap_s)
+        _write(meter, [f"warm-{i}" for i in range(plan.warmup_writes)], size.gap_s)
         time.sleep(SETTLE_S)
         row.heartbeat_s = _heartbeat_period(workers)
         # The writes in blocks between pieces of the idle window: at 64 processes the idle
@@ -263,17 +323,16 @@ def _measure(size: Size, plan: Plan) -> Row:
         # pieces on either side of it, and the blocks' spread says how far the result may be off.
         blocks, piece = _pieces(size, plan, row.heartbeat_s or HEARTBEAT_S)
         row.idle_s, row.blocks = piece * (blocks + 1), blocks
-        rests = [_idle(workers, piece)]
+        rests = [_idle(meter, piece)]
         counted = _counters(workers)
-        per_write: list[float] = []  # the fleet's CPU per write beyond idle, block by block
-        row.cpu_s = [0.0] * len(workers)
+        row.cpu_s = [0.0] * fleet
         for block in range(blocks):
             keys = [f"scale-{block}-{i}" for i in range(size.writes // blocks)]
-            sent, gone, before, after = _write(workers, keys, size.gap_s)
+            sent, gone, before, after = _write(meter, keys, size.gap_s)
             _latencies(row, keys, sent, gone)
-            row.rss = median([reading["rss"] for reading in after])
+            row.rss = median([reading["rss"] for reading in after[:fleet]])
             time.sleep(SETTLE_S)
-            rests.append(_idle(workers, piece))
+            rests.append(_idle(meter, piece))
             idle = _rates(rests[-2], rests[-1])
             # Beyond idle: what each process spent over the block less what it burns at rest
             # over as long. The fleet's total is summed before any rounding to zero.
@@ -281,18 +340,22 @@ def _measure(size: Size, plan: Plan) -> Row:
                 (a["cpu_s"] - b["cpu_s"]) - rate * (a["at_s"] - b["at_s"])
                 for b, a, rate in zip(before, after, idle, strict=True)
             ]
-            row.cpu_s = [total + spent for total, spent in zip(row.cpu_s, beyond, strict=True)]
-            per_write.append(sum(beyond) / len(keys) * 1e6)
+            spent = beyond[:fleet]
+            row.cpu_s = [total + cpu for total, cpu in zip(row.cpu_s, spent, strict=True)]
+            row.block_cpu_us.append(sum(spent) / len(keys) * 1e6)
+            if meter.pids:
+                row.block_broker_us.append(sum(beyond[fleet:]) / len(keys) * 1e6)
         counts = _counters(workers)
         row.incidents = {
             name: sum(b.get(name, 0) - a.get(name, 0) for a, b in zip(counted, counts, strict=True))
             for name in INCIDENTS
         }
         row.cpu_s = [max(0.0, spent) for spent in row.cpu_s]
-        row.fleet_cpu_s = max(0.0, sum(per_write) / len(per_write) * row.writes / 1e6)
-        if len(per_write) > 1:
-            row.fleet_cpu_error_us = statistics.stdev(per_write) / math.sqrt(len(per_write))
-        row.idle_pct = [rate * 100 for rate in _rates(*rests)]
+        rates = _rates(*rests)
+        row.idle_pct = [rate * 100 for rate in rates[:fleet]]
+        row.broker_idle_pct = [rate * 100 for rate in rates[fleet:]]
+        if then is not None:
+            then(workers, row)
         return row
 
 
@@ -316,7 +379,7 @@ def run(quick: bool) -> Section:
     for size in plan.sizes:
         print(f"  fleet of {size.processes} processes", flush=True)
         try:
-            rows.append(_measure(size, plan))
+            rows.append(measure(size, plan))
         except Exception as exc:
             errors.append(f"fleet of {size.processes}: {type(exc).__name__}: {exc}")
     _report(section, rows, baseline_rss, plan.sizes[-1].processes)
@@ -332,16 +395,36 @@ def _apart(gap_s: tuple[float, float]) -> str:
     return f"{gap_s[0] * 1000:g}-{gap_s[1] * 1000:g} ms"
 
 
-def _fleet_cpu(row: Row) -> str:
-    """The fleet's CPU per write, ± its standard error over the blocks (one block: none)."""
-    error = row.fleet_cpu_error_us
-    return fmt_us(row.fleet_cpu_us) + ("" if math.isnan(error) else f" ± {fmt_us(error)}")
-
-
 def _lost(row: Row) -> str:
     """Keys never gone, and what the counters say went missing on the way."""
     moved = [f"{name.replace('_', ' ')} {count}" for name, count in row.incidents.items() if count]
     return str(row.lost) + (f" ({', '.join(moved)})" if moved else "")
+
+
+# The columns of a fleet's writes (see write_cells).
+WRITE_COLUMNS = [
+    "writes (blocks x writes, apart)",
+    "on a receiver: p50",
+    "p99",
+    "gone on all N-1: p50",
+    "p99",
+    "max",
+    "never gone",
+]
+
+
+def write_cells(row: Row) -> list[str]:
+    """A fleet's writes: how many, latency on each receiver and until the last, keys lost."""
+    each, last = Distribution.of(row.samples), Distribution.of(row.all_gone)
+    return [
+        f"{row.blocks} x {row.writes // max(1, row.blocks)}, {_apart(row.gap_s)}",
+        fmt_us(each.p50),
+        fmt_us(each.p99),
+        fmt_us(last.p50),
+        fmt_us(last.p99),
+        fmt_us(last.max),
+        _lost(row),
+    ]
 
 
 def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int) -> None:
@@ -349,32 +432,19 @@ def _report(section: Section, rows: list[Row], baseline_rss: float, largest: int
         "Writes, by fleet size: write → key gone on a receiver, and on all N-1 of them",
         [
             "processes",
-            "writes (blocks x writes, apart)",
-            "on a receiver: p50",
-            "p99",
-            "gone on all N-1: p50",
-            "p99",
-            "max",
-            "never gone",
+            *WRITE_COLUMNS,
             "writer CPU / write",
             "receiver CPU / write (median)",
             "fleet CPU / write",
         ],
     )
     for row in rows:
-        each, last = Distribution.of(row.samples), Distribution.of(row.all_gone)
         writes.add(
             row.size,
-            f"{row.blocks} x {row.writes // max(1, row.blocks)}, {_apart(row.gap_s)}",
-            fmt_us(each.p50),
-            fmt_us(each.p99),
-            fmt_us(last.p50),
-            fmt_us(last.p99),
-            fmt_us(last.max),
-            _lost(row),
+            *write_cells(row),
             fmt_us(row.cpu_us(receivers=False)),
             fmt_us(row.cpu_us(receivers=True)),
-            _fleet_cpu(row),
+            PerBlock.of(row.block_cpu_us),
         )
         section.samples[f"django-warpmesh alone, on a receiver|{row.size} processes"] = row.samples
         section.samples[f"django-warpmesh alone, gone on all N-1|{row.size} processes"] = (
@@ -476,7 +546,8 @@ def _targets(section: Section, rows: list[Row], baseline_rss: float, largest: in
             f"the fleet's CPU per write ({rows[0].size}-{rows[-1].size} processes)"
             if rows
             else "the fleet's CPU per write",
-            ", ".join(f"{row.size}: {_fleet_cpu(row)}" for row in rows) or "no fleet ran",
+            ", ".join(f"{row.size}: {PerBlock.of(row.block_cpu_us)}" for row in rows)
+            or "no fleet ran",
             None,
             no_threshold=True,
         )

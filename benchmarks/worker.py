@@ -36,10 +36,14 @@ def mesh_status() -> dict[str, Any]:
 
     stats = django_warpmesh.mesh_stats()
     periods = (stats.get(name) for name in HEARTBEAT_FIELDS)
+    transport = stats.get("transport") or {}
     return {
         "enabled": stats["enabled"],
         "ready": stats["ready"],
         "connected": sum(1 for peer in stats["peers"] if peer["connected"]),
+        # The node's own link: nng's is always up; a broker's once subscribed.
+        "link": bool(transport.get("connected", stats["enabled"])),
+        "transport": transport,
         "heartbeat_period": next((p for p in periods if isinstance(p, int | float)), None),
         "counters": {
             name: value for name, value in stats.items() if isinstance(value, int) and name != "pid"
@@ -48,7 +52,8 @@ def mesh_status() -> dict[str, Any]:
 
 
 def wait_connected(peers: int, timeout_s: float, interval: float = 0.1) -> int:
-    """When (``time.monotonic_ns()``) this node first had ``peers`` live peers and was ready.
+    """When (``time.monotonic_ns()``) this node first had ``peers`` live peers, its transport's
+    link up (a broker: subscribed) and was ready.
 
     Polled here, every ``interval``: a fleet's nodes watch themselves at the same time, and the
     polling costs a node a snapshot ten times a second, not a round trip through a pipe.
@@ -57,12 +62,14 @@ def wait_connected(peers: int, timeout_s: float, interval: float = 0.1) -> int:
     while True:
         status = mesh_status()
         now = time.monotonic_ns()
-        if status["ready"] and status["connected"] >= peers:
+        if status["ready"] and status["link"] and status["connected"] >= peers:
             return now
         if time.monotonic() > deadline:
+            error = status["transport"].get("last_error")
             raise TimeoutError(
                 f"{status['connected']} of {peers} peers connected after {timeout_s:.0f} s"
                 + ("" if status["ready"] else ", not ready")
+                + ("" if status["link"] else f", transport link down ({error or 'no error'})")
             )
         time.sleep(interval)
 
