@@ -162,3 +162,20 @@ def test_a_peer_that_reconnects_in_time_is_not_lost() -> None:
     mesh.receiver._tick()
     assert mesh.table.peers[PEER].alive
     assert mesh.counters.flushes == 0
+
+
+def test_a_write_that_finds_the_sender_thread_sending_wakes_it() -> None:
+    """The sender thread, busy with a heartbeat, does not look at the queue again when it is
+    done: a writing thread that leaves its frame queued must wake it, or the frame waits for
+    the next heartbeat (up to a period)."""
+    mesh = node(Clock())
+    assert not mesh.sender._wake.wait(0)
+    with mesh.sender._send_lock:  # the sender thread, mid-heartbeat
+        mesh.publish("default", OpCode.DELETE, [":1:k"])
+        mesh.deliver()
+        assert mesh.queued == 1  # left for the thread that holds the lock
+    assert mesh.sender._wake.wait(0)
+    mesh.sender._send_pending()  # what the woken sender thread does
+    assert mesh.queued == 0
+    (frame,) = [mesh.codec.decode(data) for data in sent(mesh)]
+    assert frame.kind is Kind.INVALIDATE
