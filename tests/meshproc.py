@@ -147,8 +147,17 @@ def _flood(request: dict[str, Any]) -> Any:
     alias = request.get("alias", "default")
     cache = caches[alias]
     prefix, count = request["prefix"], request["count"]
-    for i in range(count):
-        cache.delete(f"{prefix}{i}")
+    if not request.get("while_sending"):
+        for i in range(count):
+            cache.delete(f"{prefix}{i}")
+        return count
+    # As if another thread were sending the whole time (a slow send on a busy host): every
+    # write finds the send lock taken, so the queue only fills.
+    node = mesh_node.get_node()
+    with node.sender._send_lock:  # type: ignore[union-attr]
+        for i in range(count):
+            cache.delete(f"{prefix}{i}")
+    node.deliver()
     return count
 
 
