@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT
+from harness import ROOT
 
 pytestmark = pytest.mark.packaging
 
