@@ -211,3 +211,25 @@ class JsonLinesProcess:
                     with contextlib.suppress(OSError):
                         stream.close()
             self._stderr.close()
+
+
+def run_django(
+    *args: str, env: Mapping[str, str], timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``python -m django ARGS`` (a management command: ``migrate``, ``shell -c``, ...) from
+    :data:`harness.ROOT`, with exactly ``env`` as its environment (which names the settings),
+    run to its end, its output captured as text. ``check``: a nonzero exit status raises
+    :class:`ProcessError` with the end of its stderr (captured, it would be lost otherwise)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and done.returncode != 0:
+        command = " ".join(["python -m django", *args])
+        raise ProcessError(f"{command}: exit status {done.returncode}: {done.stderr[-2000:]}")
+    return done

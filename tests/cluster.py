@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from harness import ROOT, free_ports, wait_for
-from harness.process import DEFAULT_TIMEOUT, JsonLinesProcess
+from harness import free_ports, wait_for
+from harness.process import DEFAULT_TIMEOUT, JsonLinesProcess, run_django
 
 
 class MeshProcess(JsonLinesProcess):
@@ -160,20 +159,12 @@ def manage(
 ) -> subprocess.CompletedProcess[str]:
     """``manage.py ARGS`` in a process of its own (tests.settings, the mesh enabled), run to
     its end: a management command, a cron job, a one-off ``shell -c``."""
-    return subprocess.run(
-        [sys.executable, "-m", "django", *args],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "WARPMESH_ENABLED": "true",
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    full_env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "WARPMESH_ENABLED": "true",
+    }
+    return run_django(*args, env={**full_env, **env}, timeout=timeout)
 
 
 # -- a database every process of a test shares --------------------------------------------------
@@ -181,12 +172,8 @@ def manage(
 
 def migrate(env: dict[str, str], *args: str) -> None:
     """``manage.py migrate`` in a subprocess, against the database ``env`` points at."""
-    subprocess.run(
-        [sys.executable, "-m", "django", "migrate", *args, "-v0"],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **env},
-        check=True,
-    )
+    full_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **env}
+    run_django("migrate", *args, "-v0", env=full_env, timeout=DEFAULT_TIMEOUT, check=True)
 
 
 def server_connect(dbname: str) -> Any:
