@@ -25,6 +25,12 @@ _alive: set[Worker] = set()
 WorkerError = ProcessError
 
 
+def environ() -> dict[str, str]:
+    """This process's environment less every ``WARPMESH_*`` variable: what a process of a
+    benchmark starts from, so that the parent's environment cannot change its settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
+
+
 class Worker(JsonLinesProcess):
     """One ``python -m benchmarks.worker`` process.
 
@@ -39,7 +45,7 @@ class Worker(JsonLinesProcess):
     ) -> None:
         self.warpmesh = warpmesh
         self.env = env
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
+        full_env = environ()
         full_env.update(
             {
                 "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
