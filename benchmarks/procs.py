@@ -58,6 +58,8 @@ class Worker(JsonLinesProcess):
         self.spawned_ns = time.monotonic_ns()
         self.hello_ns = 0  # when the worker said hello: Python and Django started
         self.connected_ns = 0  # when its node first had every peer of its fleet (mesh_fleet)
+        # A minute for what is not given a timeout of its own (the hello: Python and Django
+        # start-up, on a machine busy with a whole fleet doing the same).
         super().__init__("benchmarks.worker", full_env, name=name, timeout=60.0)
         _alive.add(self)
 
