@@ -35,7 +35,7 @@ from benchmarks import (
     transport_compare,
 )
 from benchmarks.common import LoadMeter, Section, machine
-from tests.cluster import ROOT
+from harness import ROOT
 
 TITLES = {
     1: "One-process operation cost",

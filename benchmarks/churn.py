@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.common import Section, Table, Target, fmt_pct, fmt_ratio, median, ratio
-from benchmarks.procs import Worker, WorkerError, close_all, mesh_fleet
-from tests.cluster import MeshProcess, cluster, free_ports, manage
+from benchmarks.procs import Worker, WorkerError, close_all, environ, mesh_fleet
+from harness import free_ports
+from harness.process import run_django
 
 # -- in the worker ----------------------------------------------------------------------------
 
@@ -320,19 +321,31 @@ def _poll(predicate: Callable[[], bool], within: float) -> bool:
     return True
 
 
-def _outcome(peer: MeshProcess) -> str:
+def _holds(peer: Worker, key: str) -> bool:
+    return bool(peer.call("churn:held", keys=[key]))
+
+
+def _outcome(peer: Worker) -> str:
     """What became of the peer's copy of "k" once the writer had exited."""
-    if not peer.stored("kept"):
+    if not _holds(peer, "kept"):
         return "flushed"  # the peer had dropped everything: whether "k" was delivered is moot
-    if not peer.stored("k"):
+    if not _holds(peer, "k"):
         return "evicted"
-    return "late" if _poll(lambda: not peer.stored("k"), 1.0) else "kept"
+    return "late" if _poll(lambda: not _holds(peer, "k"), 1.0) else "kept"
 
 
-def _writer_env(case: Case, peer: MeshProcess | None, nowhere: str) -> dict[str, str]:
-    peers = ([peer.address or ""] if peer else []) + ([nowhere] if case.nowhere else [])
+def _writer_env(case: Case, peer: Worker | None, nowhere: str) -> dict[str, str]:
+    """The writer's environment: this process's, less our ``WARPMESH_*`` variables (the
+    parent's cannot change the writer's settings), then its own."""
+    peers = ([f"127.0.0.1:{peer.warpmesh['PORT']}"] if peer else []) + (
+        [nowhere] if case.nowhere else []
+    )
     (port,) = free_ports(1)
     return {
+        **environ(),
+        # The benchmark settings, with django_warpmesh installed as a deployment has it; its
+        # default cache is the peer's "mesh" (the same LOCATION): the frames name the LOCATION.
+        "DJANGO_SETTINGS_MODULE": "benchmarks.settings_app",
         "WARPMESH_ENABLED": "true" if case.enabled else "false",
         "WARPMESH_PEERS": ",".join(peers) or nowhere,
         "WARPMESH_BIND": "127.0.0.1",
@@ -342,17 +355,16 @@ def _writer_env(case: Case, peer: MeshProcess | None, nowhere: str) -> dict[str,
     }
 
 
-def _write_once(case: Case, peer: MeshProcess | None, nowhere: str, exits: Exits) -> None:
+def _write_once(case: Case, peer: Worker | None, nowhere: str, exits: Exits) -> None:
     """One short-lived writer of ``case``, and what became of the peer's copy."""
     if peer is not None:
         # The previous writer's fate settled first (gone, or declared lost and flushed), so
         # that a flush it causes cannot hide whether this writer's delete arrived.
         _poll(functools.partial(_settled, peer), 3 * HEARTBEAT + 2)
-        for key in ("k", "kept"):
-            peer.cache("set", key, "old", None)
+        peer.call("churn:hold", keys=["k", "kept"])
     env = _writer_env(case, peer, nowhere)
     started = time.monotonic()
-    done = manage("shell", "-c", WRITER_CODE, env=env)
+    done = run_django("shell", "-c", WRITER_CODE, env=env)
     reaped = time.monotonic()
     marks: dict[str, float] = {}
     for line in done.stdout.splitlines():
@@ -379,10 +391,10 @@ def measure_exits(runs: int) -> dict[str, Exits]:
     nowhere = f"127.0.0.1:{free_ports(1)[0]}"  # closed again at once: nothing listens there
     results = {case.label: Exits() for case in CASES}
     with contextlib.ExitStack() as stack:
-        peers: dict[str, MeshProcess] = {}
+        peers: dict[str, Worker] = {}
         for case in CASES:
             if case.peer:
-                (peers[case.label],) = stack.enter_context(cluster(1, HEARTBEAT=HEARTBEAT)).procs
+                (peers[case.label],) = stack.enter_context(mesh_fleet(1, HEARTBEAT=HEARTBEAT))
         alone = [[case] for case in CASES if not case.nowhere]
         groups = [*alone, [case for case in CASES if case.nowhere]]
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2))
@@ -400,15 +412,15 @@ def measure_exits(runs: int) -> dict[str, Exits]:
         # is declared lost after 3 heartbeats, and the peer flushes: wait for that to settle.
         for label, peer in peers.items():
             _poll(functools.partial(_settled, peer), 3 * HEARTBEAT + 2)
-            stats = peer.stats()
-            results[label].peer_flushes = int(stats["flushes"])
-            results[label].peer_lost = int(stats["peers_lost"])
+            counters = peer.call("worker:mesh_status")["counters"]
+            results[label].peer_flushes = int(counters["flushes"])
+            results[label].peer_lost = int(counters["peers_lost"])
     return results
 
 
-def _settled(peer: MeshProcess) -> bool:
+def _settled(peer: Worker) -> bool:
     """No writer is still counted as connected by ``peer``."""
-    return not any(row["connected"] for row in peer.stats()["peers"])
+    return not peer.call("worker:mesh_status")["connected"]
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -427,15 +439,15 @@ replacement takes the freed port of the `PORT_RANGE`; its first request reads
 measured for {seconds:g} s without churn, then {seconds:g} s with it; the caches are warm
 before either.
 
-**A short-lived writer's exit.** `manage.py shell -c` (the test settings: the full app, SQLite)
-deletes one key a running peer holds, then exits; {runs} runs per case, in rounds: the cases in
-a random order each round, the two with a closed port listed (which wait for the bound) side by
-side. Each case with a running peer has a peer process of its own (default heartbeat), and each
-run waits until that peer counts no earlier writer as connected. Exit delay: from the script's
-last statement to the process reaped by the parent (the same monotonic clock), so it includes
-the interpreter's own teardown; `stop_node()` is the node's `atexit` handler, timed inside the
-process. The wait for the goodbye's acknowledgements is bounded by `max(2 s, 2 x HEARTBEAT)` =
-{bound:g} s here.
+**A short-lived writer's exit.** `manage.py shell -c` (the benchmark settings with the app
+installed, SQLite) deletes one key a running peer holds, then exits; {runs} runs per case, in
+rounds: the cases in a random order each round, the two with a closed port listed (which wait
+for the bound) side by side. Each case with a running peer has a peer process of its own
+(default heartbeat), and each run waits until that peer counts no earlier writer as connected.
+Exit delay: from the script's last statement to the process reaped by the parent (the same
+monotonic clock), so it includes the interpreter's own teardown; `stop_node()` is the node's
+`atexit` handler, timed inside the process. The wait for the goodbye's acknowledgements is
+bounded by `max(2 s, 2 x HEARTBEAT)` = {bound:g} s here.
 """
 
 

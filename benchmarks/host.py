@@ -13,7 +13,7 @@ import threading
 import time
 
 from benchmarks.common import Distribution, Table, fmt_us, median
-from tests.cluster import free_ports
+from harness import free_ports
 
 PAYLOAD = {"id": 42, "name": "Ada Lovelace", "roles": ["admin", "editor"], "score": 3.14}
 

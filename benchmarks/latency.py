@@ -29,7 +29,7 @@ from benchmarks.common import (
     ratio,
 )
 from benchmarks.procs import Worker, mesh_fleet
-from tests.cluster import free_ports
+from harness import free_ports
 
 T = TypeVar("T")
 SYSTEMS = ("mesh", "nng", "redis", "nats")

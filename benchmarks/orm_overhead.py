@@ -43,6 +43,10 @@ def configure(database: str) -> None:
         directory = tempfile.mkdtemp(prefix="warpmesh-orm-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         os.environ["WARPMESH_SQLITE_PATH"] = str(Path(directory) / "bench.sqlite3")
+    # The one benchmark on the test suite's settings and app (the rest use only benchmarks/ and
+    # harness/): it times the ORM hooks on tests.testapp's Product, a model with a foreign key
+    # and a many-to-many whose tables its migrations make, as section 5's numbers always were;
+    # benchmarks.models' one table has neither relation nor migrations.
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     import django
 
@@ -53,7 +57,7 @@ def configure(database: str) -> None:
 
 
 def operations() -> dict[str, Callable[[int], None]]:
-    from tests.testapp.models import Category, Product
+    from tests.testapp.models import Category, Product  # the test app: see configure()
 
     category = Category.objects.create(name="bench")
     products = [Product.objects.create(name=f"p{i}", price=i, category=category) for i in range(50)]
@@ -114,7 +118,7 @@ def per_call(rounds: int) -> dict[str, float]:
     from django.db import connection
 
     from django_warpmesh import orm
-    from tests.testapp.models import Product
+    from tests.testapp.models import Product  # the test app: see configure()
 
     orm.install()
     product = Product.objects.create(name="per-call", price=1)

@@ -1,8 +1,8 @@
 """Benchmark worker processes: spawned, driven with a deadline on every call, always reaped.
 
-Unlike the test suite's :class:`tests.cluster.MeshProcess`, every read here has a timeout: a
-benchmark must end even when a process hangs, so a call that does not answer in time kills its
-worker and raises :class:`WorkerError`.
+A :class:`Worker` is a :class:`harness.process.JsonLinesProcess` (the harness the test suite's
+processes use too): a call that does not answer in time kills its worker and raises
+:class:`WorkerError`, so a benchmark ends even when a process hangs.
 """
 
 from __future__ import annotations
@@ -11,38 +11,41 @@ import contextlib
 import json
 import os
 import secrets
-import select
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tests.cluster import ROOT, free_ports
+from harness import free_ports
+from harness.process import JsonLinesProcess, ProcessError
 
 # Every worker still alive, so that the run can kill them all whatever happened.
 _alive: set[Worker] = set()
 
+# What a worker raises: the harness's error, under the name the benchmarks catch.
+WorkerError = ProcessError
 
-class WorkerError(RuntimeError):
-    pass
+
+def environ() -> dict[str, str]:
+    """This process's environment less every ``WARPMESH_*`` variable: what a process of a
+    benchmark starts from, so that the parent's environment cannot change its settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
 
 
-class Worker:
+class Worker(JsonLinesProcess):
     """One ``python -m benchmarks.worker`` process.
 
     ``warpmesh`` is its ``WARPMESH`` setting; ``env`` is added to its environment (after every
     ``WARPMESH_*`` variable of ours is removed, so the parent's environment cannot change it).
+    Started when made; :meth:`wait_hello` (or the first call) waits for it to have started, so
+    that several workers can start at once.
     """
 
     def __init__(
         self, name: str, warpmesh: dict[str, Any], env: dict[str, str] | None = None
     ) -> None:
-        self.name = name
         self.warpmesh = warpmesh
         self.env = env
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WARPMESH_")}
+        full_env = environ()
         full_env.update(
             {
                 "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
@@ -51,47 +54,20 @@ class Worker:
                 **(env or {}),  # which may name other settings (benchmarks.settings_cachalot)
             }
         )
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
-        self._buffer = b""
         # CLOCK_MONOTONIC, as the worker stamps its hello: one clock for every process here.
         self.spawned_ns = time.monotonic_ns()
         self.hello_ns = 0  # when the worker said hello: Python and Django started
         self.connected_ns = 0  # when its node first had every peer of its fleet (mesh_fleet)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker"],
-            cwd=ROOT,
-            env=full_env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
+        # A minute for what is not given a timeout of its own (the hello: Python and Django
+        # start-up, on a machine busy with a whole fleet doing the same).
+        super().__init__("benchmarks.worker", full_env, name=name, timeout=60.0)
         _alive.add(self)
-        self.pid = self.proc.pid
-        self._hello = False
-        self._exiting = False
 
-    def wait_hello(self, timeout: float = 60.0) -> None:
-        if not self._hello:
-            hello = self._read(time.monotonic() + timeout)
+    def wait_hello(self, timeout: float | None = None) -> dict[str, Any]:
+        hello = super().wait_hello(timeout)
+        if not self.hello_ns:
             self.hello_ns = int(hello.get("at_ns") or time.monotonic_ns())
-            self._hello = True
-
-    def _read(self, deadline: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.kill()
-                raise WorkerError(f"{self.name}: no answer in time; killed. {self.stderr_tail()}")
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise WorkerError(f"{self.name} exited: {self.stderr_tail()}")
-                self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)  # type: ignore[no-any-return]
+        return hello
 
     def call(self, function: str, timeout: float = 60.0, **kwargs: Any) -> Any:
         """Run ``benchmarks.<module>:<function>`` in the worker and return its result."""
@@ -102,82 +78,32 @@ class Worker:
         """Start ``benchmarks.<module>:<function>`` in the worker; :meth:`result` waits for it
         (so that several workers can run a call at the same time)."""
         self.wait_hello()
-        assert self.proc.stdin is not None
-        request = {"call": f"benchmarks.{function}", "kwargs": kwargs}
-        try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise WorkerError(f"{self.name}: cannot send ({exc}): {self.stderr_tail()}") from None
+        self.send({"call": f"benchmarks.{function}", "kwargs": kwargs})
 
     def result(self, timeout: float = 60.0) -> Any:
         """The result of the call :meth:`submit` started."""
-        reply = self._read(time.monotonic() + timeout)
-        if "error" in reply:
-            raise WorkerError(f"{self.name}: {reply['error']}")
-        return reply["ok"]
-
-    def stderr_tail(self, limit: int = 2000) -> str:
-        self._stderr.seek(0)
-        text = self._stderr.read().decode(errors="replace")
-        return text[-limit:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
+        return self.answer(timeout)
 
     def leave(self, timeout: float = 10.0) -> tuple[float, float]:
         """Exit through the worker's normal path: ``stop_node()`` (what ``atexit`` runs), then
         the interpreter's own exit. Returns the seconds until ``stop_node()`` had returned and
         until the process was gone (its stdout closed); :meth:`close` cleans up after."""
         self.wait_hello()
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
         started = time.monotonic()
         deadline = started + timeout
-        try:
-            self.proc.stdin.write(b'{"call": "exit"}\n')
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise WorkerError(f"{self.name}: cannot send ({exc}): {self.stderr_tail()}") from None
-        self._read(deadline)
+        self.send({"call": "exit"})
+        self.receive(deadline - time.monotonic())
         stopped = time.monotonic() - started
-        fd = self.proc.stdout.fileno()
-        while (remaining := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if readable and not os.read(fd, 65536):
-                break  # end of file: the process has exited
+        self.wait_eof(deadline)
         gone = time.monotonic() - started
         self.proc.wait(max(0.0, deadline - time.monotonic()))
         return stopped, gone
 
-    def ask_exit(self) -> None:
-        """Ask the worker to stop its node and exit, without waiting (:meth:`close` waits)."""
-        if self._exiting or not self._hello or self.proc.poll() is not None:
-            return
-        self._exiting = True
-        assert self.proc.stdin is not None
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.write(b'{"call": "exit"}\n')
-            self.proc.stdin.flush()
-
     def close(self, timeout: float = 5.0) -> None:
         """Ask the worker to stop its node and exit; kill it if it does not within ``timeout``."""
         try:
-            self.ask_exit()
-            if self._exiting:
-                self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+            super().close(timeout)
         finally:
-            self.kill()
-            for stream in (self.proc.stdin, self.proc.stdout):
-                if stream is not None:
-                    with contextlib.suppress(OSError):
-                        stream.close()
-            self._stderr.close()
             _alive.discard(self)
 
 

@@ -266,7 +266,7 @@ def raw_open(buffer_size: int) -> str:
 
     from django_warpmesh.node.receiving import RECV_BATCH
     from django_warpmesh.node.waiting import Readable
-    from tests.cluster import free_ports
+    from harness import free_ports
 
     (port,) = free_ports(1)
     socket = pynng.Bus0(recv_buffer_size=buffer_size, recv_max_size=0)
@@ -487,7 +487,7 @@ class FloodOutcome:
 
 
 def _peak_rss(pid: int, stop: Any, peak: list[int]) -> None:
-    from tests.junk import rss_of
+    from harness.junk import rss_of
 
     while not stop.wait(0.01):
         peak[0] = max(peak[0], rss_of(pid))
@@ -505,7 +505,7 @@ def _invalidation_round(writer: Worker, victim: Worker, key: str, within: float 
 def junk_flood(writer: Worker, victim: Worker, address: str, seconds: float) -> list[FloodOutcome]:
     import threading
 
-    from tests.junk import flood, rss_of
+    from harness.junk import flood, rss_of
 
     outcomes = []
     for name, (kinds, sizes) in FLOODS.items():

@@ -2,8 +2,9 @@
 
 Started by :class:`benchmarks.procs.Worker` as ``python -m benchmarks.worker``. Each request line
 ``{"call": "module:function", "kwargs": {...}}`` runs that function of a ``benchmarks`` module in
-this process and gets one reply line ``{"ok": result}`` or ``{"error": "..."}``. Every measurement
-happens in here; the pipes only carry set-up and results.
+this process and gets one reply line ``{"ok": result}`` or ``{"error": "..."}`` (the harness's
+loop, :func:`harness.serve.serve`). Every measurement happens in here; the pipes only carry
+set-up and results.
 
 The few calls every benchmark needs (start the node, is it connected, CPU and memory) live here.
 """
@@ -11,12 +12,11 @@ The few calls every benchmark needs (start the node, is it connected, CPU and me
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import sys
 import time
-import traceback
 from typing import Any
+
+from harness.serve import serve
 
 # Where a node's snapshot may say how often it sends heartbeats (seconds): the period may grow
 # with the mesh. Absent: the node does not say (HEARTBEAT, 1 s by default, is then its period).
@@ -92,24 +92,18 @@ def main() -> None:
     for alias in ("mesh", "bulk"):
         caches[alias].get("warm-up")
 
-    # Stamped on CLOCK_MONOTONIC, as the parent stamps the spawn: the start-up's length.
-    print(json.dumps({"ok": "hello", "pid": os.getpid(), "at_ns": time.monotonic_ns()}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        call = request["call"]
-        if call == "exit":
+    def handle(request: dict[str, Any]) -> Any:
+        if request["call"] == "exit":  # answered, then serve() returns and the process exits
             from django_warpmesh import node as mesh_node
 
             mesh_node.stop_node()
-            print(json.dumps({"ok": True}), flush=True)
-            return
-        module_name, _, function_name = call.rpartition(":")
-        try:
-            function = getattr(importlib.import_module(module_name), function_name)
-            reply = {"ok": function(**request.get("kwargs", {}))}
-        except Exception as exc:
-            reply = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-        print(json.dumps(reply), flush=True)
+            return True
+        module_name, _, function_name = request["call"].rpartition(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        return function(**request.get("kwargs", {}))
+
+    # Stamped on CLOCK_MONOTONIC, as the parent stamps the spawn: the start-up's length.
+    serve(handle, {"at_ns": time.monotonic_ns()}, tracebacks=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from django_warpmesh.node.transports.nats import NatsTransport  # noqa: E402
-from tests.cluster import wait_for  # noqa: E402
+from harness import wait_for  # noqa: E402
 from tests.natsserver import NatsServer, nats_server_binary  # noqa: E402
 
 CHANNEL = "warpmesh_latency"

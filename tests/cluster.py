@@ -1,108 +1,49 @@
-"""Real OS processes on loopback, for the mesh tests: start, drive, poll, kill."""
+"""Real OS processes on loopback, for the mesh tests: start, drive, poll, kill.
+
+The process harness itself (starting, talking with a deadline, reaping; free ports; polling) is
+:mod:`harness`, shared with the benchmarks; this is what the mesh tests add to it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+from harness import free_ports, wait_for
+from harness.process import DEFAULT_TIMEOUT, JsonLinesProcess, run_django
 
 
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float = 10.0,
-    interval: float = 0.01,
-    message: str = "condition",
-) -> T:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+class MeshProcess(JsonLinesProcess):
+    """One ``python -m tests.meshproc`` process (tests.settings), ``warpmesh`` its ``WARPMESH``.
 
+    ``env`` is added to this process's environment, less ``WARPMESH_ENABLED``: whether the mesh
+    runs is the test's ``warpmesh`` to say. Started when made: it has said hello on return.
+    """
 
-def stays(
-    predicate: Callable[[], object], seconds: float, interval: float = 0.05, message: str = ""
-) -> None:
-    """Poll ``predicate`` for ``seconds``; fail as soon as it is falsy (an event that must not
-    happen within a window, such as a peer declared lost after its liveness timeout)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not predicate():
-            raise AssertionError(f"no longer true: {message or predicate}")
-        time.sleep(interval)
-
-
-class MeshProcess:
-    def __init__(self, warpmesh: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        warpmesh: dict[str, Any],
+        env: dict[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.warpmesh = warpmesh
         full_env = {**os.environ, "WARPMESH_JSON": json.dumps(warpmesh), **(env or {})}
         full_env.pop("WARPMESH_ENABLED", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.meshproc"],
-            cwd=ROOT,
-            env=full_env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self._talking = threading.Lock()
-        hello = self._read()
-        self.pid = hello["pid"]
+        super().__init__("tests.meshproc", full_env, timeout=timeout)
         self.address: str | None = None
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"mesh process died: {self.stderr()}")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
+        try:
+            self.wait_hello()
+        except BaseException:
+            self.close()
+            raise
 
     def request(self, call: str, **fields: Any) -> Any:
-        assert self.proc.stdin is not None
-        with self._talking:  # a test may drive one process from two threads
-            self.proc.stdin.write(json.dumps({"call": call, **fields}) + "\n")
-            self.proc.stdin.flush()
-            reply = self._read()
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        return reply["ok"]
+        """One call of :mod:`tests.meshproc` (a command, or a method of the cache)."""
+        return self.ask({"call": call, **fields})
 
     def cache(self, method: str, *args: Any, alias: str = "default", **kwargs: Any) -> Any:
         return self.request(method, args=list(args), kwargs=kwargs, alias=alias)
@@ -112,24 +53,6 @@ class MeshProcess:
 
     def stats(self) -> dict[str, Any]:
         return self.request("stats")  # type: ignore[no-any-return]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.request("exit")
-                self.proc.wait(10)
-            except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError):
-                self.proc.kill()
-                self.proc.wait(10)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 class Cluster:
@@ -236,20 +159,12 @@ def manage(
 ) -> subprocess.CompletedProcess[str]:
     """``manage.py ARGS`` in a process of its own (tests.settings, the mesh enabled), run to
     its end: a management command, a cron job, a one-off ``shell -c``."""
-    return subprocess.run(
-        [sys.executable, "-m", "django", *args],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "WARPMESH_ENABLED": "true",
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    full_env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "WARPMESH_ENABLED": "true",
+    }
+    return run_django(*args, env={**full_env, **env}, timeout=timeout)
 
 
 # -- a database every process of a test shares --------------------------------------------------
@@ -257,12 +172,8 @@ def manage(
 
 def migrate(env: dict[str, str], *args: str) -> None:
     """``manage.py migrate`` in a subprocess, against the database ``env`` points at."""
-    subprocess.run(
-        [sys.executable, "-m", "django", "migrate", *args, "-v0"],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **env},
-        check=True,
-    )
+    full_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **env}
+    run_django("migrate", *args, "-v0", env=full_env, timeout=DEFAULT_TIMEOUT, check=True)
 
 
 def server_connect(dbname: str) -> Any:

@@ -1,8 +1,9 @@
 """A Django process of the mesh under test, driven by JSON lines on stdin.
 
-Started by :mod:`tests.cluster` as ``python -m tests.meshproc``, with ``WARPMESH`` given as JSON in
-the ``WARPMESH_JSON`` environment variable. Each request line ``{"call": ..., ...}`` gets one
-reply line ``{"ok": result}`` or ``{"error": "..."}``.
+Started by :class:`tests.cluster.MeshProcess` as ``python -m tests.meshproc``, with ``WARPMESH``
+given as JSON in the ``WARPMESH_JSON`` environment variable. Each request line
+``{"call": ..., ...}`` gets one reply line ``{"ok": result}`` or ``{"error": "..."}``
+(:func:`harness.serve.serve`'s loop).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import logging
 import os
 import pickle
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +21,7 @@ from django.core.cache import caches
 import django_warpmesh
 from django_warpmesh import node as mesh_node
 from django_warpmesh.store import get_store
+from harness.serve import serve
 
 
 def chaos(cache: Any, request: dict[str, Any]) -> dict[str, list[list[Any]]]:
@@ -379,16 +380,7 @@ def main() -> None:
         method = getattr(caches[request.get("alias", "default")], request["call"])
         return method(*request.get("args", []), **request.get("kwargs", {}))
 
-    print(json.dumps({"ok": "hello", "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            reply = {"ok": handle(request)}
-        except Exception as exc:
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(reply, default=repr), flush=True)
-        if request["call"] == "exit":
-            break
+    serve(handle)
     time.sleep(0)
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.cluster import ROOT, free_ports, wait_for
+from harness import ROOT, free_ports, wait_for
 
 # Debian installs it in /usr/sbin, which is not on every user's PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import free_ports
+from harness import free_ports
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -22,7 +22,8 @@ from django_warpmesh.conf import parse
 from django_warpmesh.node import NullNode
 from django_warpmesh.node.transports import TransportError
 from django_warpmesh.node_factory import build_broker, build_node
-from tests.cluster import Cluster, cluster, wait_for
+from harness import wait_for
+from tests.cluster import Cluster, cluster
 from tests.natsserver import NatsServer, nats_server_binary
 from tests.pgserver import private_postgres
 from tests.server_available import reachable

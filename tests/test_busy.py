@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster import cluster, wait_for
+from harness import wait_for
+from tests.cluster import cluster
 
 pytestmark = pytest.mark.mesh
 

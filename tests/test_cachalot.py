@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, MeshProcess, cluster, free_ports, manage, wait_for
+from harness import free_ports, wait_for
+from tests.cluster import Cluster, MeshProcess, cluster, manage
 
 pytest.importorskip("cachalot")
 

@@ -7,7 +7,6 @@ CI; ``WARPMESH_CHAOS_OPS=5000 scripts/test -k chaos`` runs a longer one.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -90,7 +89,6 @@ def test_chaos_no_read_older_than_the_bound(shared_db: dict[str, str]) -> None:
                 excused[index].append((frozen_at, time.time() + THAW_GRACE))
 
         for index, proc in enumerate(mesh.procs):
-            assert proc.proc.stdin is not None
             request = {
                 "call": "chaos",
                 "seed": index,
@@ -99,12 +97,11 @@ def test_chaos_no_read_older_than_the_bound(shared_db: dict[str, str]) -> None:
                 "ops": OPS,
                 "write_ratio": 0.2,
             }
-            proc.proc.stdin.write(json.dumps(request) + "\n")
-            proc.proc.stdin.flush()
+            proc.send(request)  # every process at once: the answers are read below
         injector = threading.Thread(target=faults)
         injector.start()
         try:
-            results = [proc._read()["ok"] for proc in mesh.procs]
+            results = [proc.answer() for proc in mesh.procs]
         finally:
             stop.set()
             injector.join()

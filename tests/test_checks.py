@@ -22,7 +22,8 @@ from django_warpmesh.conf import parse
 from django_warpmesh.node import LOG_EVERY, MeshNode, Peer
 from django_warpmesh.node_factory import StaticRegistry
 from django_warpmesh.protocol import Frame, Heartbeat, Kind
-from tests.cluster import cluster, wait_for
+from harness import wait_for
+from tests.cluster import cluster
 
 # Listening on loopback only: the clear-text warning (W007) is tested on its own.
 PEERS = {"ENABLED": True, "PEERS": ["10.0.0.1:7934", "10.0.0.2:7934"], "BIND": "127.0.0.1"}

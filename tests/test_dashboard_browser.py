@@ -18,7 +18,8 @@ import pytest
 from django.contrib.auth.models import User
 
 import django_warpmesh
-from tests.cluster import ROOT, Cluster, cluster, free_ports, node_in_this_process, wait_for
+from harness import ROOT, free_ports, wait_for
+from tests.cluster import Cluster, cluster, node_in_this_process
 
 pytestmark = [pytest.mark.mesh, pytest.mark.django_db(transaction=True)]
 

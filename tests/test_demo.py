@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.cluster import ROOT
+from harness import ROOT
 
 pytestmark = pytest.mark.mesh
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT, Cluster, MeshProcess, cluster, free_ports, manage, run_sql, wait_for
+from harness import ROOT, free_ports, wait_for
+from tests.cluster import Cluster, MeshProcess, cluster, manage, run_sql
 
 pytestmark = [pytest.mark.mesh, pytest.mark.database]
 

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import MeshProcess, cluster, free_ports, wait_for
-from tests.junk import flood, rss_of
+from harness import free_ports, wait_for
+from harness.junk import flood, rss_of
+from tests.cluster import MeshProcess, cluster
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.mesh
@@ -32,12 +33,8 @@ def test_a_crash_mid_stream_leaves_nothing_stale() -> None:
         writer, *receivers = mesh.procs
         for proc in receivers:
             proc.request("fill_local", prefix="f", count=20_000, alias="bulk")
-        assert writer.proc.stdin is not None
         # Start a flood and kill the writer while it runs: which deletes left is unknown.
-        writer.proc.stdin.write(
-            '{"call": "flood", "prefix": "f", "count": 200000, "alias": "bulk"}\n'
-        )
-        writer.proc.stdin.flush()
+        writer.send({"call": "flood", "prefix": "f", "count": 200000, "alias": "bulk"})
         wait_for(lambda: all(p.stats()["keys_received"] > 0 for p in receivers), 10, message="flow")
         writer.kill(signal.SIGKILL)
         # Whatever was in flight: each receiver notices the loss and flushes.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.cluster import ROOT, free_ports
+from harness import ROOT, free_ports
 
 pytestmark = pytest.mark.mesh
 

@@ -15,7 +15,8 @@ from django_warpmesh import protocol
 from django_warpmesh.conf import get_settings
 from django_warpmesh.node_factory import frame_key
 from django_warpmesh.protocol import Frame, Heartbeat, Kind, Op, OpCode
-from tests.cluster import MeshProcess, free_ports, wait_for
+from harness import free_ports, wait_for
+from tests.cluster import MeshProcess
 
 pytestmark = pytest.mark.mesh
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.cluster import ROOT
+from harness import ROOT
 
 NO_DJANGO = "assert not any(m == 'django' or m.startswith('django.') for m in sys.modules), " + (
     "sorted(m for m in sys.modules if m.startswith('django'))"

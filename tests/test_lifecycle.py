@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import MeshProcess, cluster, free_ports, manage, run_sql, stays, wait_for
+from harness import free_ports, stays, wait_for
+from tests.cluster import MeshProcess, cluster, manage, run_sql
 
 pytestmark = pytest.mark.mesh
 
@@ -220,7 +221,7 @@ def test_a_child_forked_after_the_socket_opened_is_relayed_by_its_parent() -> No
         status = manage("mesh_status", env={"WARPMESH_PEERS": ",".join(mesh.addresses)})
         assert f"relays for forked process(es) {child_pid}" in status.stdout, status.stdout
         child.request("exit")
-        assert child._read() == {"ok": {"child_status": 0}}  # the parent answers again
+        assert child.receive() == {"ok": {"child_status": 0}}  # the parent answers again
         wait_for(lambda: not parent.stats()["relayed_pids"], 5, message="the child forgotten")
 
 

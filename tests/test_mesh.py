@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Cluster, MeshProcess, cluster, free_ports, wait_for
+from harness import free_ports, wait_for
+from tests.cluster import Cluster, MeshProcess, cluster
 
 pytestmark = pytest.mark.mesh
 

@@ -23,16 +23,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from tests.cluster import (
-    ROOT,
-    Cluster,
-    MeshProcess,
-    cluster,
-    free_ports,
-    manage,
-    run_sql,
-    wait_for,
-)
+from harness import ROOT, free_ports, wait_for
+from tests.cluster import Cluster, MeshProcess, cluster, manage, run_sql
 from tests.natsserver import NatsServer, nats_server_binary
 
 pytestmark = pytest.mark.mesh

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster import Cluster, MeshProcess, cluster, wait_for
+from harness import wait_for
+from tests.cluster import Cluster, MeshProcess, cluster
 
 pytestmark = [pytest.mark.mesh, pytest.mark.database]
 

@@ -9,7 +9,7 @@ from django.core.signals import setting_changed
 
 from django_warpmesh import cache, orm
 from django_warpmesh.orm.transactions import _uncommitted_by_this_thread
-from tests.cluster import ROOT
+from harness import ROOT
 
 # A fresh interpreter without the app: this one imported the package long ago and installed it.
 IMPORT_ONLY = """

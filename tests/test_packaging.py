@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT
+from harness import ROOT
 
 pytestmark = pytest.mark.packaging
 
@@ -40,7 +40,8 @@ def test_the_wheel_carries_code_migrations_templates_and_static_files(dist: Path
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in SHIPPED:
         assert path in names, path
-    assert not any(name.startswith(("tests/", "example_project/", "benchmarks/")) for name in names)
+    unshipped = ("tests/", "example_project/", "benchmarks/", "harness/")
+    assert not any(name.startswith(unshipped) for name in names)
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     for requirement in (

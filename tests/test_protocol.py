@@ -34,8 +34,8 @@ from django_warpmesh.protocol import (
     Stamped,
     StatsReply,
 )
+from harness import ROOT
 from tests import digestproc
-from tests.cluster import ROOT
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

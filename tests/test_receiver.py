@@ -10,7 +10,7 @@ import pytest
 from django_warpmesh.conf import parse
 from django_warpmesh.node import TICK_IDLE_MS, MeshNode
 from django_warpmesh.node_factory import StaticRegistry
-from tests.cluster import free_ports, wait_for
+from harness import free_ports, wait_for
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.cluster import cluster, wait_for
+from harness import wait_for
+from tests.cluster import cluster
 
 pytestmark = pytest.mark.mesh
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.cluster import ROOT
+from harness import ROOT
 
 PACKAGE = ROOT / "django_warpmesh"
 MODULE_LINES, CLASS_LINES, FUNCTION_LINES = 500, 400, 60

@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from tests.cluster import cluster, manage, run_sql, wait_for
+from harness import wait_for
+from tests.cluster import cluster, manage, run_sql
 
 pytestmark = [pytest.mark.mesh, pytest.mark.database]
 

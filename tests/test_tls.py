@@ -26,7 +26,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_warpmesh import node as mesh_node
 from django_warpmesh.conf import ENV_OPTIONS, OPTIONS, TLSSettings, parse
-from tests.cluster import ROOT, Cluster, MeshProcess, free_ports, wait_for
+from harness import ROOT, free_ports, wait_for
+from tests.cluster import Cluster, MeshProcess
 
 NO_ENV: dict[str, str] = {}
 MESH_NAME = "mesh.internal"

@@ -24,7 +24,7 @@ from django_warpmesh.node.transports.nats import (
     MAX_OUTBOX_BYTES,
     NatsTransport,
 )
-from tests.cluster import ROOT, free_ports, wait_for
+from harness import ROOT, free_ports, wait_for
 from tests.natsserver import NatsServer, PeerProcess, nats_server_binary
 
 try:

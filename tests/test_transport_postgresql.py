@@ -24,7 +24,7 @@ from django_warpmesh.node.transports import TransportError, postgresql_sender
 from django_warpmesh.node.transports import postgresql as pg
 from django_warpmesh.node.transports import postgresql_payloads as payloads
 from django_warpmesh.node.transports.postgresql import PostgresTransport
-from tests.cluster import ROOT, free_ports, wait_for
+from harness import ROOT, free_ports, wait_for
 from tests.pgserver import PrivateServer, private_postgres
 
 

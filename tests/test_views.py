@@ -13,7 +13,8 @@ from django.http import HttpRequest
 from django.test import Client
 
 import django_warpmesh
-from tests.cluster import Cluster, cluster, free_ports, node_in_this_process, wait_for
+from harness import free_ports, wait_for
+from tests.cluster import Cluster, cluster, node_in_this_process
 
 pytestmark = pytest.mark.django_db
 
