@@ -93,14 +93,18 @@ def test_a_frame_sent_after_a_heartbeat_is_confirmed_within_heartbeat_not_the_pe
     with_members(mesh, 63)
     mesh.sender._send_heartbeat()
     assert mesh.sender._confirm_by == float("inf")
+    next_heartbeat = clock.now + 63 / HEARTBEAT_FANIN  # as the sender thread computed it
     clock.advance(0.3)
+    # Asleep for at most HEARTBEAT, whatever the period: it sees a confirmation in time...
+    assert mesh.sender._next_wait(clock.now, next_heartbeat) == pytest.approx(1.0)
     mesh.sender._send_invalidate([Op("default", OpCode.DELETE, ["k"])])
     assert mesh.sender._confirm_by == pytest.approx(clock.now + 1.0)
-    assert mesh.sender._wake.wait(0)  # the sender thread recomputes its wait
+    # ...without the writing thread waking it (see Sender._next_wait).
+    assert not mesh.sender._wake.wait(0)
     clock.advance(0.2)
     mesh.sender._send_invalidate([Op("default", OpCode.DELETE, ["j"])])
     assert mesh.sender._confirm_by == pytest.approx(clock.now - 0.2 + 1.0)  # once per heartbeat
-    assert not mesh.sender._wake.wait(0)
+    assert mesh.sender._next_wait(clock.now, next_heartbeat) == pytest.approx(0.8)
     mesh.sender._send_heartbeat()  # the confirmation: it carries the last seq
     assert mesh.sender._confirm_by == float("inf")
     frames = [mesh.codec.decode(data) for data in sent(mesh)]

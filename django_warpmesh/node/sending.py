@@ -129,13 +129,7 @@ class Sender(NodePart):
     def run(self) -> None:
         next_heartbeat = 0.0
         while True:
-            now = self.clock()
-            # A leaving node's held invalidations must go at _leave_by, woken or not; a frame
-            # sent since the last heartbeat is confirmed by one within HEARTBEAT (see
-            # _send_invalidate), however long the idle period has grown.
-            due = min(next_heartbeat, self._confirm_by)
-            timeout = max(0.0, min(due, self._leave_by) - now)
-            self._wake.wait(timeout)
+            self._wake.wait(self._next_wait(self.clock(), next_heartbeat))
             stopping = self._node.stopping.is_set()
             with self.log.surviving("in the sender thread"):
                 self._send_pending()
@@ -152,6 +146,16 @@ class Sender(NodePart):
                     next_heartbeat = now + period * random.uniform(1 - HEARTBEAT_JITTER, 1.0)
             if stopping:
                 return
+
+    def _next_wait(self, now: float, next_heartbeat: float) -> float:
+        """How long the sender thread sleeps: until its next heartbeat (the period's, or the
+        one confirming a frame sent since the last, see _send_invalidate), or a leaving
+        node's deadline for its held invalidations; and never longer than HEARTBEAT, so that
+        a confirmation a writing thread scheduled meanwhile is seen in time. The writing thread
+        does not wake it for that: on a busy worker the woken thread would take the send lock
+        and then wait for the GIL, holding up the writer's next frame by switch intervals."""
+        due = min(next_heartbeat, self._confirm_by, self._leave_by, now + self.config.heartbeat)
+        return max(0.0, due - now)
 
     def _take_pending(self) -> tuple[list[tuple[str, OpCode, Any]], set[str], list[Any]]:
         with self.lock:
@@ -249,7 +253,6 @@ class Sender(NodePart):
             # only a heartbeat shows the gap, so one goes within HEARTBEAT (not the period,
             # which grows with the mesh). Once per heartbeat, not per frame.
             self._confirm_by = self.clock() + self.config.heartbeat
-            self._wake.set()
         frame = Frame(
             Kind.INVALIDATE, self._node.node_id, self._node.epoch, self._seq, protocol.ops_body(ops)
         )
