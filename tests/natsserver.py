@@ -10,6 +10,7 @@ it receives, until its stdin closes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness import ROOT, free_ports, wait_for
@@ -141,6 +143,38 @@ def main(url: str, channel: str) -> None:
         started = time.monotonic()
         transport.close(2.0)
         print(f"closed in {time.monotonic() - started:.2f}s", flush=True)
+
+
+def required_binary() -> str:
+    """The nats-server binary (and nats-py), or skip the test: except with CI=true, where a
+    missing one fails it (CI must run the broker tests)."""
+    import importlib.util
+
+    import pytest
+
+    binary = nats_server_binary()
+    missing = None
+    if importlib.util.find_spec("nats") is None:
+        missing = "nats-py is not installed (pip install -e '.[test]')"
+    elif binary is None:
+        missing = "no nats-server binary (apt-get install nats-server, or WARPMESH_NATS_SERVER)"
+    if missing is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the NATS transport's tests, but {missing}")
+        pytest.skip(missing)
+    assert binary is not None
+    return binary
+
+
+@contextlib.contextmanager
+def running_server(directory: Path) -> Iterator[NatsServer]:
+    """A nats-server of the test's own, started, and killed at the end."""
+    server = NatsServer(required_binary(), directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 if __name__ == "__main__":

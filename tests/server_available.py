@@ -47,6 +47,19 @@ def reachable(server: str) -> str | None:
     raise SystemExit(f"unknown server {server!r}: postgresql or mariadb")
 
 
+def require(server: str) -> None:
+    """Skip the calling test when ``server`` does not answer; with CI=true, fail it instead
+    (CI must run the tests that need it)."""
+    import pytest
+
+    problem = reachable(server)
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the tests that need {server}, but: {problem}")
+    pytest.skip(f"{server} unreachable: {problem}")
+
+
 def main(argv: list[str]) -> int:
     (server,) = argv
     problem = reachable(server)

@@ -8,10 +8,8 @@ as their Django database.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,38 +22,18 @@ from django_warpmesh.node.transports import TransportError
 from django_warpmesh.node_factory import build_broker, build_node
 from harness import wait_for
 from tests.cluster import Cluster, cluster
-from tests.natsserver import NatsServer, nats_server_binary
+from tests.natsserver import running_server
 from tests.pgserver import private_postgres
-from tests.server_available import reachable
+from tests.server_available import require
 
 pytestmark = pytest.mark.mesh
 
 KEYS = [f"k{i}" for i in range(12)]
 
 
-@contextmanager
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    binary = nats_server_binary()
-    if binary is None:
-        missing = "no nats-server binary (apt-get install nats-server, or WARPMESH_NATS_SERVER)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the NATS transport's tests, but {missing}")
-        pytest.skip(missing)
-    server = NatsServer(binary, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 def shared_postgresql() -> dict[str, str]:
     """The environment that makes a test process use the shared PostgreSQL as its database."""
-    problem = reachable("postgresql")
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the PostgreSQL transport's tests, but: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    require("postgresql")
     return {"WARPMESH_TEST_DB": "postgresql"}
 
 
@@ -102,7 +80,7 @@ def coherent(mesh: Cluster) -> None:
 
 
 def test_three_processes_stay_coherent_through_nats(tmp_path: Path) -> None:
-    with nats_server(tmp_path) as server, cluster(3, TRANSPORT=server.url) as mesh:
+    with running_server(tmp_path) as server, cluster(3, TRANSPORT=server.url) as mesh:
         connected(mesh)
         coherent(mesh)
         transport = mesh.procs[0].stats()["transport"]
@@ -191,7 +169,7 @@ def outage(mesh: Cluster, stop: Callable[[], None], start: Callable[[], None]) -
 
 def test_a_nats_outage_during_a_write_stream_leaves_nothing_stale(tmp_path: Path) -> None:
     with (
-        nats_server(tmp_path) as server,
+        running_server(tmp_path) as server,
         cluster(3, TRANSPORT=server.url) as mesh,
     ):
         connected(mesh)

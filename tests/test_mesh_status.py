@@ -6,7 +6,6 @@ in ``WARPMESH_*`` environment variables; the peers are :mod:`tests.cluster` proc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from django.test import override_settings
 
 from harness import ROOT, free_ports, wait_for
 from tests.cluster import Cluster, MeshProcess, cluster, manage, run_sql
-from tests.natsserver import NatsServer, nats_server_binary
+from tests.natsserver import NatsServer, running_server
 
 pytestmark = pytest.mark.mesh
 
@@ -429,23 +428,8 @@ def test_a_peer_whose_discovery_fails_makes_the_mesh_degraded(status_db: dict[st
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server of the test's own (tests/natsserver.py), killed at the end."""
-    binary = nats_server_binary()
-    missing = None
-    if importlib.util.find_spec("nats") is None:
-        missing = "nats-py is not installed (pip install -e '.[test]')"
-    elif binary is None:
-        missing = "no nats-server binary (apt-get install nats-server, or WARPMESH_NATS_SERVER)"
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the NATS transport's tests, but {missing}")
-        pytest.skip(missing)
-    assert binary is not None
-    server = NatsServer(binary, tmp_path)
-    server.start()
-    try:
+    with running_server(tmp_path) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def by_id(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -518,13 +502,9 @@ def test_through_nats_whoever_answers_and_nobody_once_the_server_is_gone(
 
 @pytest.mark.broker
 def test_through_postgresql_listen_notify() -> None:
-    from tests.server_available import reachable
+    from tests.server_available import require
 
-    problem = reachable("postgresql")
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the PostgreSQL transport's tests, but: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    require("postgresql")
     url = (
         f"postgresql://{os.environ.get('WARPMESH_PG_USER', 'postgres')}@"
         f"{os.environ.get('WARPMESH_PG_HOST', '127.0.0.1')}:"

@@ -25,7 +25,7 @@ from django_warpmesh.node.transports.nats import (
     NatsTransport,
 )
 from harness import ROOT, free_ports, wait_for
-from tests.natsserver import NatsServer, PeerProcess, nats_server_binary
+from tests.natsserver import NatsServer, PeerProcess, required_binary
 
 try:
     import nats  # noqa: F401
@@ -78,13 +78,7 @@ class Peer:
 
 @pytest.fixture(scope="module")
 def binary() -> str:
-    found = nats_server_binary()
-    if found is None:
-        missing = "no nats-server binary (apt-get install nats-server, or WARPMESH_NATS_SERVER)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the NATS transport's tests, but {missing}")
-        pytest.skip(missing)
-    return found
+    return required_binary()
 
 
 @pytest.fixture

@@ -39,13 +39,9 @@ def shared_conninfo() -> str:
 
 @pytest.fixture(scope="module")
 def conninfo() -> str:
-    from tests.server_available import reachable
+    from tests.server_available import require
 
-    problem = reachable("postgresql")
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the PostgreSQL transport tests, but: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    require("postgresql")
     return shared_conninfo()
 
 
