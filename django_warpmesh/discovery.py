@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +22,7 @@ from django.db.models.functions import Now
 
 from django_warpmesh import __version__
 from django_warpmesh.conf import MeshSettings, parse_address, running_migration_command
-from django_warpmesh.node import DiscoveryError
+from django_warpmesh.node import Discovered, DiscoveryError
 
 if TYPE_CHECKING:
     from django_warpmesh.node import MeshNode
@@ -120,10 +119,10 @@ class DatabaseRegistry:
         self._warned: set[str] = set()
         self._announced: set[str] = set()
 
-    def initial(self) -> list[str] | None:
+    def initial(self) -> Discovered | None:
         return None
 
-    def sync(self, node: MeshNode) -> Iterable[str] | None:
+    def sync(self, node: MeshNode) -> Discovered | None:
         """Register, clean up and read the table; :class:`DiscoveryError` when it cannot."""
         try:
             if node.address:  # not an observer, nor a node that could not listen
@@ -198,7 +197,7 @@ class DatabaseRegistry:
             )
         future.delete()
 
-    def _read(self, node: MeshNode) -> list[str]:
+    def _read(self, node: MeshNode) -> Discovered:
         rows = [
             (row["node_id"], row["address"]) for row in peer_rows(self.alias, MAX_PEER_ROWS + 1)
         ]
@@ -249,7 +248,7 @@ class DatabaseRegistry:
                 ", ".join(sorted(fresh)),
             )
         self._announced = set(addresses)
-        return list(addresses)
+        return dict.fromkeys(addresses, "database")
 
     def _failure(self, exc: DatabaseError) -> DiscoveryError:
         from django_warpmesh.models import PeerRow

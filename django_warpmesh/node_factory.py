@@ -37,10 +37,10 @@ class StaticRegistry:
         self.addresses = tuple(addresses)
         self.description = f"static PEERS ({len(self.addresses)})"
 
-    def initial(self) -> list[str] | None:
-        return list(self.addresses)
+    def initial(self) -> mesh_node.Discovered | None:
+        return dict.fromkeys(self.addresses, "PEERS")
 
-    def sync(self, node: mesh_node.MeshNode) -> Iterable[str] | None:
+    def sync(self, node: mesh_node.MeshNode) -> mesh_node.Discovered | None:
         return None
 
     def leave(self, node: mesh_node.MeshNode) -> None:
@@ -52,10 +52,10 @@ class BrokerRegistry:
 
     description = "no discovery: every process subscribed to the broker"
 
-    def initial(self) -> list[str] | None:
-        return []
+    def initial(self) -> mesh_node.Discovered | None:
+        return {}
 
-    def sync(self, node: mesh_node.MeshNode) -> Iterable[str] | None:
+    def sync(self, node: mesh_node.MeshNode) -> mesh_node.Discovered | None:
         return None
 
     def leave(self, node: mesh_node.MeshNode) -> None:

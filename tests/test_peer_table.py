@@ -91,7 +91,7 @@ def test_registry_registers_removes_stale_and_skips_garbage(
     registry = DatabaseRegistry(parse({"STALE_AFTER": 60}))
     for _ in range(3):
         addresses = registry.sync(FakeNode())  # type: ignore[arg-type]
-        assert addresses == ["127.0.0.2:7934"]
+        assert addresses == {"127.0.0.2:7934": "database"}
     own = PeerRow.objects.get(node_id=FakeNode.hex_id)
     assert own.address == FakeNode.address
     assert own.caches == ["default"]

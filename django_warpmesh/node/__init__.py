@@ -36,7 +36,7 @@ from django_warpmesh.node.core import (
     MeshNode,
     Wakeup,
 )
-from django_warpmesh.node.interfaces import DiscoveryError, PeerRegistry, Store
+from django_warpmesh.node.interfaces import Discovered, DiscoveryError, PeerRegistry, Store
 from django_warpmesh.node.ops import SINGLE_OP_MAX_ITEMS, coalesce
 from django_warpmesh.node.peers import (
     GAP_GRACE,
@@ -76,6 +76,7 @@ __all__ = [
     "AddressError",
     "AnyNode",
     "Counters",
+    "Discovered",
     "DiscoveryError",
     "MeshNode",
     "MeshSettings",

@@ -52,6 +52,13 @@ class MeshSettings:
     port_range: int = option(64, options.as_bounded_int(1, 1024))
     advertise: str | None = option(None, options.as_optional_address)
     peers: tuple[str, ...] = option((), options.as_peers)
+    # A file of addresses, one per line, re-read every DISCOVERY_INTERVAL (a mounted ConfigMap).
+    peers_file: str | None = option(None, options.as_optional_str)
+    # How peers are found: "database", "static" or "mdns"; None: static if PEERS or PEERS_FILE
+    # is set, else the database.
+    discovery: str | None = option(None, options.as_discovery)
+    # The interfaces mDNS discovery announces and browses on (names or addresses); (): all.
+    mdns_interfaces: tuple[str, ...] = option((), options.as_interfaces)
     heartbeat: float = option(1.0, options.as_positive_seconds)
     secret: str | None = option(None, options.as_optional_str, repr=False)
     startup_wait: float | None = option(None, options.as_optional_seconds)
@@ -79,9 +86,19 @@ class MeshSettings:
         return 3 * self.heartbeat
 
     @property
+    def discovery_mode(self) -> str | None:
+        """How peers are found: ``"database"``, ``"static"`` or ``"mdns"``; None with a broker
+        transport, where nobody is dialled."""
+        if self.broker is not None:
+            return None
+        if self.discovery is not None:
+            return self.discovery
+        return "static" if self.peers or self.peers_file else "database"
+
+    @property
     def discovery_enabled(self) -> bool:
-        """Whether peers are found through the peer table (not PEERS, nor a broker)."""
-        return self.enabled and not self.peers and self.transport == "nng"
+        """Whether peers are found through the peer table."""
+        return self.enabled and self.discovery_mode == "database"
 
     @property
     def broker(self) -> str | None:

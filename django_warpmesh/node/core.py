@@ -389,6 +389,7 @@ class MeshNode:
         counters = self.counters
         with self.lock:
             expected = set(self.membership._expected or ())
+            sources = dict(self.membership.sources)
             peers = self.table.members()
         return {
             "enabled": True,
@@ -409,7 +410,7 @@ class MeshNode:
             "discovery_failures": self.membership.discovery_failures,
             "listen_error": self.listen_error,
             "relayed_pids": self.hub.children() if self.hub is not None else [],
-            "peers": stats.peer_rows(peers, expected, self.clock),
+            "peers": stats.peer_rows(peers, expected, self.clock, sources),
             **stats.counter_values(counters),
         }
 

@@ -3,7 +3,7 @@ it finds its peers with (whose failures it reports as :class:`DiscoveryError`)."
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from django_warpmesh.protocol import Op
@@ -17,13 +17,28 @@ class DiscoveryError(Exception):
 
     ``alone``: the failure itself shows that no peer can have registered (the peer table does
     not exist yet), so a starting node has nobody to wait for. ``quiet``: expected here (a
-    migration command), not worth a warning.
+    migration command), not worth a warning. ``addresses``: what could still be found (the
+    other lines of a peers file, the last good set of a name whose lookup failed), used while
+    the failure is counted; None: keep the current peers.
     """
 
-    def __init__(self, reason: str, *, alone: bool = False, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        alone: bool = False,
+        quiet: bool = False,
+        addresses: Discovered | None = None,
+    ) -> None:
         super().__init__(reason)
         self.alone = alone
         self.quiet = quiet
+        self.addresses = addresses
+
+
+# Peers as a registry finds them: each address, and where it came from ("database", "PEERS",
+# "PEERS_FILE", "dns:<name>", "mdns"), which mesh_status and the dashboard show.
+Discovered = Mapping[str, str]
 
 
 class Store(Protocol):
@@ -35,15 +50,19 @@ class Store(Protocol):
 
 
 class PeerRegistry(Protocol):
-    """Where peer addresses come from: the database table, or the static ``PEERS`` list."""
+    """Where peer addresses come from: the peer table, a static list or file, mDNS."""
 
     description: str
 
-    def initial(self) -> list[str] | None:
-        """Addresses known without waiting (a static list), or None."""
+    def initial(self) -> Discovered | None:
+        """Addresses known without waiting or any I/O (a list of IPs), or None.
 
-    def sync(self, node: MeshNode) -> Iterable[str] | None:
-        """Announce ourselves and return the addresses to connect to (None: keep the current).
+        Called where the node starts, which may be a request's thread.
+        """
+
+    def sync(self, node: MeshNode) -> Discovered | None:
+        """Announce ourselves and return the addresses to connect to (None: not known yet, or
+        keep the current). Runs on the node's maintenance thread only.
 
         Raises :class:`DiscoveryError` when it cannot; the node backs off and retries.
         """

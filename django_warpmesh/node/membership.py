@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from django_warpmesh.node.interfaces import DiscoveryError, NodePart
@@ -32,6 +32,8 @@ class Membership(NodePart):
         super().__init__(node)
         self._maintain = Wakeup()
         self._expected: set[str] | None = None  # addresses we know of; None: not known yet
+        # Where each address came from, as the registry said (see interfaces.Discovered).
+        self.sources: dict[str, str] = {}
         self._ready_deadline = 0.0
         # Why the last discovery sync failed (None: it worked), and how many failed in a row.
         self.discovery_error: str | None = None
@@ -40,11 +42,16 @@ class Membership(NodePart):
         self._broker_lost = False  # the broker link went and has not come back yet
 
     def set_peer_addresses(self, addresses: Iterable[str]) -> None:
-        """Dial addresses we are not dialling yet; hang up on those no longer listed."""
+        """Dial addresses we are not dialling yet; hang up on those no longer listed.
+
+        ``addresses`` may be a mapping of each address to where it came from.
+        """
         wanted = {address for address in addresses if address != self._node.address}
         with self.lock:
             first = self._expected is None
             self._expected = wanted
+            if isinstance(addresses, Mapping):
+                self.sources = {address: str(addresses[address]) for address in wanted}
         if self._node.broker is None:
             self._node.links.set_addresses(wanted)
         if first:
@@ -158,6 +165,8 @@ class Membership(NodePart):
         try:
             addresses = self._node.registry.sync(self._node)
         except DiscoveryError as exc:
+            if exc.addresses is not None:
+                self.set_peer_addresses(exc.addresses)
             return self._discovery_failed(str(exc), alone=exc.alone, quiet=exc.quiet)
         except Exception as exc:
             # A bug or an unexpected error: the same rules as a database outage, and its trace.

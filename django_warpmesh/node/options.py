@@ -122,6 +122,38 @@ def as_peers(name: str, value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(as_address(name, item) for item in value))
 
 
+DISCOVERY_MODES = ("database", "static", "mdns")
+
+
+def as_discovery(name: str, value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    mode = as_str(name, value).lower()
+    if mode not in DISCOVERY_MODES:
+        raise SettingError(
+            f"WARPMESH['{name}'] must be one of {', '.join(map(repr, DISCOVERY_MODES))} "
+            f"(or None: the peer table, unless PEERS or PEERS_FILE is set), got {value!r}."
+        )
+    return mode
+
+
+def as_interfaces(name: str, value: object) -> tuple[str, ...]:
+    """Network interfaces by name (``"eth0"``) or address (``"10.0.0.5"``)."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise SettingError(f"WARPMESH['{name}'] must be a list of interface names or addresses.")
+    interfaces = []
+    for item in value:
+        interface = as_str(name, item)
+        if not re.fullmatch(r"[A-Za-z0-9_.:%@-]{1,64}", interface):
+            raise SettingError(
+                f"WARPMESH['{name}']: {interface!r} is not an interface name or address."
+            )
+        interfaces.append(interface)
+    return tuple(dict.fromkeys(interfaces))
+
+
 def as_model_labels(name: str, value: object) -> tuple[str, ...]:
     """``"app_label"`` or ``"app_label.ModelName"`` entries (checked against the app registry
     later, by the ORM layer, which runs once apps are ready)."""

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from django_warpmesh.node.peers import Peer
@@ -73,10 +73,18 @@ def alone_snapshot(reason: str, *, degraded: bool) -> dict[str, Any]:
 
 
 def peer_rows(
-    peers: Iterable[Peer], expected: set[str], clock: Callable[[], float]
+    peers: Iterable[Peer],
+    expected: set[str],
+    clock: Callable[[], float],
+    sources: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """A snapshot's ``peers``: those alive or expected, then the expected ones never heard."""
+    """A snapshot's ``peers``: those alive or expected, then the expected ones never heard.
+
+    ``source``: where discovery found the peer's address (see ``interfaces.Discovered``);
+    ``"inbound"``: it is not among them, it dialled us; ``"broker"``: heard through one.
+    """
     peers = list(peers)
+    sources = sources or {}
     rows = []
     for peer in sorted(peers, key=lambda p: (p.address, p.node_id)):  # no address: a broker
         if not peer.alive and not {peer.address, peer.dialed_as} & expected:
@@ -91,6 +99,7 @@ def peer_rows(
                 "gaps_detected": peer.gaps_detected,
                 "last_heard_s": round(clock() - peer.last_heard, 3),
                 "heartbeat_period": peer.period or None,
+                "source": _source(peer, sources),
             }
         )
     known = {row["address"] for row in rows} | {peer.dialed_as for peer in peers}
@@ -105,9 +114,17 @@ def peer_rows(
                 "gaps_detected": 0,
                 "last_heard_s": None,
                 "heartbeat_period": None,
+                "source": sources.get(address, ""),
             }
         )
     return rows
+
+
+def _source(peer: Peer, sources: Mapping[str, str]) -> str:
+    for address in (peer.dialed_as, peer.address):
+        if address in sources:
+            return sources[address]
+    return "inbound" if peer.address else "broker"
 
 
 @dataclasses.dataclass
