@@ -1,13 +1,13 @@
 """Build this process's mesh node from the Django settings.
 
 The node package knows nothing of Django; this module is the seam: it reads ``WARPMESH``, derives
-the HMAC key, and picks where peers come from (the static ``PEERS`` list or the database table).
+the HMAC key, and picks where peers come from (``DISCOVERY``: the peer table, the static ``PEERS``
+and ``PEERS_FILE``, or mDNS).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from django.apps import apps
@@ -17,6 +17,7 @@ from django.utils.crypto import salted_hmac
 
 from django_warpmesh import node as mesh_node
 from django_warpmesh.conf import MeshSettings, get_settings
+from django_warpmesh.node.static import StaticRegistry
 from django_warpmesh.node.transports import BrokerTransport, TransportError, channel_name
 
 logger = logging.getLogger("django_warpmesh")
@@ -28,23 +29,6 @@ def frame_key(config: MeshSettings) -> bytes:
     """The HMAC key of every frame: from ``WARPMESH['SECRET']``, else from ``SECRET_KEY``."""
     secret = config.secret if config.secret is not None else settings.SECRET_KEY
     return salted_hmac(_KEY_SALT, "v1", secret=secret, algorithm="sha256").digest()
-
-
-class StaticRegistry:
-    """``WARPMESH['PEERS']``: a fixed list, no database at all."""
-
-    def __init__(self, addresses: Iterable[str]) -> None:
-        self.addresses = tuple(addresses)
-        self.description = f"static PEERS ({len(self.addresses)})"
-
-    def initial(self) -> mesh_node.Discovered | None:
-        return dict.fromkeys(self.addresses, "PEERS")
-
-    def sync(self, node: mesh_node.MeshNode) -> mesh_node.Discovered | None:
-        return None
-
-    def leave(self, node: mesh_node.MeshNode) -> None:
-        pass
 
 
 class BrokerRegistry:
@@ -155,8 +139,10 @@ def build_node(*, observer: bool = False) -> mesh_node.MeshNode | mesh_node.Null
         broker = build_broker(config, key)
         registry = BrokerRegistry()
         return mesh_node.MeshNode(config, key, registry, observer=observer, broker=broker)
-    if config.peers:
-        registry = StaticRegistry(config.peers)
+    if config.discovery_mode == "static":
+        registry = StaticRegistry(
+            config.peers, config.peers_file, interval=config.discovery_interval
+        )
     elif apps.is_installed("django_warpmesh"):
         from django_warpmesh.discovery import DatabaseRegistry
 

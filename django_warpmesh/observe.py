@@ -35,6 +35,7 @@ from django_warpmesh.discovery import (
     peer_rows,
     peer_table_missing,
 )
+from django_warpmesh.node.static import StaticRegistry
 from django_warpmesh.node.transports import TransportError
 from django_warpmesh.node_factory import BrokerRegistry, build_node
 from django_warpmesh.status_report import (
@@ -51,6 +52,8 @@ RETRY_EVERY = 0.5
 # A broker's round: replies come within milliseconds of each other; once one came, the round
 # ends when none came for this long (or at the timeout).
 BROKER_QUIET = 0.3
+# How long an observer browses or resolves to find its targets (mDNS answers in a few hundred ms).
+LOOKUP_TIMEOUT = 1.5
 
 
 class Observer:
@@ -242,8 +245,14 @@ def find_targets(registry: mesh_node.PeerRegistry) -> Census | None:
         return None
     if isinstance(registry, DatabaseRegistry):
         return _table_census(registry)
-    addresses = sorted(registry.initial() or [])
-    return Census(registry.description, [Target(address) for address in addresses])
+    if isinstance(registry, StaticRegistry):
+        found = registry.lookup_now(LOOKUP_TIMEOUT)
+    else:
+        found = registry.initial() or {}
+    return Census(
+        registry.description,
+        [Target(address, source=found[address]) for address in sorted(found)],
+    )
 
 
 def _table_census(registry: DatabaseRegistry) -> Census:
@@ -284,6 +293,7 @@ def _table_census(registry: DatabaseRegistry) -> Census:
                 started_at=_aware(row["started_at"]),
                 last_seen=last_seen,
                 stale=last_seen is not None and db_now - last_seen > stale_after,
+                source="database",
             )
         )
         census.now = db_now

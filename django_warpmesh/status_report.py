@@ -40,6 +40,9 @@ class Target:
     started_at: datetime | None = None
     last_seen: datetime | None = None
     stale: bool = False
+    # Where discovery found it: "database", "PEERS", "PEERS_FILE", "dns:<name>", "mdns";
+    # None with a broker transport (it answered).
+    source: str | None = None
 
     @property
     def key(self) -> str:
@@ -246,6 +249,7 @@ def _peer_entry(
     entry: dict[str, Any] = {
         "id": target.node_id or (stats.get("node_id") if stats else None),
         "address": target.address,
+        "source": target.source,
         "host": target.host or (stats.get("host") if stats else None),
         "pid": target.pid or (stats.get("pid") if stats else None),
         "started_at": _iso(started_at),
@@ -305,6 +309,7 @@ def _answer(reply: Reply, others: dict[str, set[str | None]]) -> dict[str, Any]:
 COLUMNS = (
     "PEER",
     "ADDRESS",
+    "SOURCE",
     "HOST/PID",
     "AGE",
     "CONNECTED",
@@ -316,7 +321,7 @@ COLUMNS = (
     "REJECTED",
     "LAST SEEN",
 )
-NUMERIC = {6, 7, 8, 9, 10}  # right-aligned below their (left-aligned) heading
+NUMERIC = {7, 8, 9, 10, 11}  # right-aligned below their (left-aligned) heading
 
 
 def render_table(report: dict[str, Any]) -> list[str]:
@@ -373,6 +378,7 @@ def _row(peer: dict[str, Any]) -> tuple[str, ...]:
     return (
         (peer["id"] or "-")[:16],
         peer["address"] or "-",
+        peer["source"] or "-",
         host_pid,
         _duration(peer["age_s"]),
         connected,

@@ -157,6 +157,7 @@ def test_dashboard_in_chromium(
         assert row["class"] == "ok"
         assert row["cells"][0] == "connected"
         assert row["cells"][2] == address
+        assert row["cells"][3] == "PEERS"  # how this process found it
     assert text(browser, "[data-counter=peers_connected]") == "2"
     assert text(browser, "[data-counter=peers_known]") == "2"
 
@@ -171,7 +172,7 @@ def test_dashboard_in_chromium(
     )
     wait_until(
         browser,  # the "Invalidations received" column: one from each peer
-        lambda d: all(int(row["cells"][4]) >= 1 for row in peer_rows(d).values()),
+        lambda d: all(int(row["cells"][5]) >= 1 for row in peer_rows(d).values()),
         "the per-peer counts",
     )
     ARTIFACTS.mkdir(exist_ok=True)

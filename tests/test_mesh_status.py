@@ -43,6 +43,7 @@ REPORT_KEYS = {
 PEER_KEYS = {
     "id",
     "address",
+    "source",
     "host",
     "pid",
     "started_at",
@@ -164,6 +165,7 @@ def test_json_has_the_documented_keys_and_every_peer(trio: Cluster) -> None:
     for proc in trio.procs:
         peer = peers[proc.address]
         assert set(peer) == PEER_KEYS
+        assert peer["source"] == "PEERS"
         stats = proc.stats()
         assert peer["id"] == stats["node_id"]
         assert peer["pid"] == proc.pid

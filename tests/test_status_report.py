@@ -29,7 +29,7 @@ IDS = {A: "aa" * 8, B: "bb" * 8, C: "cc" * 8}
 PIDS = {A: 101, B: 102, C: 103}
 NNG = {"name": "nng", "url": None, "connected": True, "last_error": None}
 HEADING = (
-    "PEER              ADDRESS        HOST/PID  AGE    CONNECTED  LINK  LATENCY   "
+    "PEER              ADDRESS        SOURCE  HOST/PID  AGE    CONNECTED  LINK  LATENCY   "
     "INV SENT  INV RECV  GAPS  REJECTED  LAST SEEN"
 )
 
@@ -60,7 +60,7 @@ def static_census(replies: dict[str, dict[str, Any]]) -> Census:
     """Three peers from PEERS; ``replies``: the stats of those that answered, by address."""
     return Census(
         "static PEERS (3)",
-        [Target(address) for address in (A, B, C)],
+        [Target(address, source="PEERS") for address in (A, B, C)],
         {IDS[address]: Reply(answer, 0.002, NOW) for address, answer in replies.items()},
         NOW,
         NNG,
@@ -86,12 +86,12 @@ def test_a_healthy_mesh_and_its_table() -> None:
         "Transport: nng, connected",
         "",
         HEADING,
-        "aaaaaaaaaaaaaaaa  10.0.0.1:7934  web1/101  2h05m  2 of 2     up    1.000 ms        12"
-        "         3     0         0  0.0s ago",
-        "bbbbbbbbbbbbbbbb  10.0.0.2:7934  web1/102  2h05m  2 of 2     up    1.000 ms        12"
-        "         3     0         0  0.0s ago",
-        "cccccccccccccccc  10.0.0.3:7934  web1/103  2h05m  2 of 2     up    1.000 ms        12"
-        "         3     0         0  0.0s ago",
+        "aaaaaaaaaaaaaaaa  10.0.0.1:7934  PEERS   web1/101  2h05m  2 of 2     up    1.000 ms"
+        "        12         3     0         0  0.0s ago",
+        "bbbbbbbbbbbbbbbb  10.0.0.2:7934  PEERS   web1/102  2h05m  2 of 2     up    1.000 ms"
+        "        12         3     0         0  0.0s ago",
+        "cccccccccccccccc  10.0.0.3:7934  PEERS   web1/103  2h05m  2 of 2     up    1.000 ms"
+        "        12         3     0         0  0.0s ago",
         "",
     ]
 
@@ -114,7 +114,7 @@ def test_a_silent_peer_the_others_cannot_reach_and_a_relaying_one() -> None:
     lines = render_table(report)
     assert lines[3] == HEADING.replace("CONNECTED  ", "CONNECTED      ")
     assert lines[6] == (
-        "-                 10.0.0.3:7934  -         -      not answering  -            -"
+        "-                 10.0.0.3:7934  PEERS   -         -      not answering  -            -"
         "         -         -     -         -  never"
     )
     assert lines[7:] == [

@@ -54,7 +54,7 @@
     if (!peers.length) {
       var empty = document.createElement("tr");
       empty.className = "empty";
-      cell(empty, "No peers known to this process.").colSpan = 7;
+      cell(empty, "No peers known to this process.").colSpan = 8;
       rows.appendChild(empty);
     }
     peers.forEach(function (peer) {
@@ -70,6 +70,7 @@
       cell(row, health);
       cell(row, code(peer.id));
       cell(row, code(peer.address));
+      cell(row, peer.source || "\u2014");
       cell(row, latency(peer.latency_ms), "num");
       cell(row, String(peer.invalidations_received), "num");
       cell(row, String(peer.gaps_detected), "num");

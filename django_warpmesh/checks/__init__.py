@@ -17,15 +17,19 @@ from typing import Any
 from django.apps import apps
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, connections
 from django.utils.module_loading import import_string
 
+from django_warpmesh.checks.peers import (
+    APP,
+    MESH_CACHE,
+    check_discovery,
+    check_peer_source,
+    check_peer_table,
+    peer_database_problem,
+)
 from django_warpmesh.conf import MeshSettings, get_settings, running_migration_command
 from django_warpmesh.node.transports import TransportError
 from django_warpmesh.servers import prefork_server, uwsgi_threads_enabled
-
-MESH_CACHE = "django_warpmesh.cache.MeshCache"
-APP = "django_warpmesh"
 
 
 @register("warpmesh")
@@ -43,84 +47,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         and not running_migration_command()
         and config.discovery_enabled
         and apps.is_installed(APP)
-        and _peer_database_problem(config) is None
+        and peer_database_problem(config) is None
     ):
-        return _check_peer_table(config)
+        return check_peer_table(config)
     return []
-
-
-def _check_peer_table(config: MeshSettings) -> list[CheckMessage]:
-    from django_warpmesh.discovery import database_alias
-    from django_warpmesh.models import PeerRow
-
-    alias = database_alias(config)
-    table = PeerRow._meta.db_table
-    try:
-        with connections[alias].cursor() as cursor:
-            tables = connections[alias].introspection.table_names(cursor)
-        unapplied = [] if table not in tables else _unapplied_migrations(alias)
-    except DatabaseError as exc:
-        return [
-            Warning(
-                f"Could not check for the mesh peer table on database {alias!r}: {exc}",
-                id="warpmesh.W001",
-                hint="Peers are discovered through this table; until it is reachable, this "
-                "instance only knows the peers it has already found.",
-            )
-        ]
-    hint = f"Run 'python manage.py migrate django_warpmesh --database {alias}'."
-    if table not in tables:
-        return [
-            Error(
-                f"The mesh peer table {table!r} does not exist on database {alias!r}, so "
-                "instances cannot find each other.",
-                id="warpmesh.E002",
-                hint=hint,
-            )
-        ]
-    if unapplied:
-        return [
-            Error(
-                f"Migrations of django_warpmesh not applied on database {alias!r}: "
-                f"{', '.join(unapplied)}; the peer table may not be what the nodes expect.",
-                id="warpmesh.E002",
-                hint=hint,
-            )
-        ]
-    return _check_registration(config)
-
-
-def _check_registration(config: MeshSettings) -> list[CheckMessage]:
-    """What a node's discovery sync would hit, found now rather than retried forever later."""
-    from django_warpmesh.discovery import DatabaseRegistry
-
-    registry = DatabaseRegistry(config)
-    try:
-        registry.probe()
-    except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return [
-            Error(
-                f"Peer discovery would fail on database {registry.alias!r}: "
-                f"{type(exc).__name__}: {first_line}",
-                id="warpmesh.E005",
-                hint="Each node registers itself in the peer table and refreshes its row; "
-                "the database user needs INSERT, UPDATE, DELETE and SELECT on it. Until this "
-                "works, instances cannot find each other and cap what they cache.",
-            )
-        ]
-    return []
-
-
-def _unapplied_migrations(alias: str) -> list[str]:
-    from django.db.migrations.loader import MigrationLoader
-
-    loader = MigrationLoader(connections[alias], ignore_no_migrations=True)
-    plan = {
-        step for leaf in loader.graph.leaf_nodes(APP) for step in loader.graph.forwards_plan(leaf)
-    }
-    applied = loader.applied_migrations
-    return sorted(name for app, name in plan if app == APP and (app, name) not in applied)
 
 
 @register("warpmesh")
@@ -148,7 +78,8 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
         return []
     messages: list[CheckMessage] = []
     if config.broker is None:
-        messages += _check_peer_source(config, installed, mesh_caches)
+        messages += check_discovery(config)
+        messages += check_peer_source(config, installed, mesh_caches)
         messages += _check_clear_text(config)
         messages += _check_prefork(config, os.environ)
     else:
@@ -183,7 +114,17 @@ def _check_broker(config: MeshSettings) -> list[CheckMessage]:
                 hint=hint,
             )
         )
-    ignored = [name for name, value in (("PEERS", config.peers), ("TLS", config.tls)) if value]
+    ignored = [
+        name
+        for name, value in (
+            ("PEERS", config.peers),
+            ("PEERS_FILE", config.peers_file),
+            ("DISCOVERY", config.discovery),
+            ("MDNS_INTERFACES", config.mdns_interfaces),
+            ("TLS", config.tls),
+        )
+        if value
+    ]
     if ignored:
         messages.append(
             Warning(
@@ -218,59 +159,6 @@ def mesh_cache_aliases() -> list[str]:
         except ImportError:
             continue  # Django's own cache checks report a backend that does not import.
     return aliases
-
-
-def _check_peer_source(
-    config: MeshSettings, installed: bool, mesh_caches: list[str]
-) -> list[CheckMessage]:
-    caches = ", ".join(repr(alias) for alias in mesh_caches)
-    if config.peers:
-        if installed:
-            return []
-        return [
-            Warning(
-                f"CACHES {caches} use {MESH_CACHE} but '{APP}' is not in INSTALLED_APPS.",
-                id="warpmesh.W004",
-                hint=f"Add '{APP}' to INSTALLED_APPS: the static PEERS list works without it, "
-                "but the system checks, 'manage.py mesh_status' and the admin page need it.",
-            )
-        ]
-    if not installed:
-        return [
-            Error(
-                f"CACHES {caches} use {MESH_CACHE} with the mesh enabled, but there is no way "
-                f"to find peers: WARPMESH['PEERS'] is empty and '{APP}' is not in "
-                "INSTALLED_APPS (its peer table is how instances find each other). Each "
-                "instance would cache alone and serve stale data after another one writes.",
-                id="warpmesh.E003",
-                hint=f"Add '{APP}' to INSTALLED_APPS and run 'manage.py migrate {APP}', or list "
-                "the instances in WARPMESH['PEERS'], or set WARPMESH['ENABLED'] to False.",
-            )
-        ]
-    problem = _peer_database_problem(config)
-    if problem is not None:
-        return [
-            Error(
-                f"The mesh is enabled but there is no way to find peers: {problem}.",
-                id="warpmesh.E003",
-                hint="Point WARPMESH['DATABASE'] at a configured database alias shared by every "
-                "instance, or list the instances in WARPMESH['PEERS'].",
-            )
-        ]
-    return []
-
-
-def _peer_database_problem(config: MeshSettings) -> str | None:
-    """Why the peer table's database cannot be used at all, or None."""
-    from django_warpmesh.discovery import database_alias
-
-    alias = database_alias(config)
-    if alias not in connections.settings:
-        source = "WARPMESH['DATABASE']" if config.database else "the database routers"
-        return f"{source} names the database {alias!r}, which is not in DATABASES"
-    if connections.settings[alias].get("ENGINE", "").endswith(".dummy"):
-        return f"the database {alias!r} holding the peer table is not configured (no ENGINE)"
-    return None
 
 
 def _check_secret(config: MeshSettings) -> list[CheckMessage]:
