@@ -1,0 +1,117 @@
+"""Static discovery through WARPMESH['PEERS_FILE'], with real processes on loopback: the file is
+read again while they run, so a peer added to it is dialled and one removed is hung up on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import free_ports, wait_for
+from tests.cluster import MeshProcess
+
+pytestmark = pytest.mark.mesh
+
+TIMINGS = {"HEARTBEAT": 0.2, "DISCOVERY_INTERVAL": 0.2, "BIND": "127.0.0.1", "PORT_RANGE": 1}
+
+
+def start(port: int, peers_file: Path, **warpmesh: Any) -> MeshProcess:
+    proc = MeshProcess({**TIMINGS, "PORT": port, "PEERS_FILE": str(peers_file), **warpmesh})
+    proc.address = proc.request("start")["address"]
+    return proc
+
+
+def connected(proc: MeshProcess) -> dict[str, str]:
+    """The peers ``proc`` is connected to, by address, and where it found each."""
+    return {peer["address"]: peer["source"] for peer in proc.stats()["peers"] if peer["connected"]}
+
+
+def evicted_everywhere(writer: MeshProcess, readers: list[MeshProcess], key: str) -> None:
+    """A write on ``writer`` drops ``key`` from every reader (the mesh carries it)."""
+    for proc in readers:
+        proc.cache("set", key, "old", None)
+    writer.cache("set", key, "new", None)
+    wait_for(
+        lambda: not any(proc.stored(key) for proc in readers),
+        10,
+        message=f"{key!r} to leave the readers",
+    )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[MeshProcess]]:
+    started: list[MeshProcess] = []
+    yield started
+    for proc in started:
+        proc.close()
+
+
+def test_a_peers_file_edited_while_the_fleet_runs(tmp_path: Path, procs: list[MeshProcess]) -> None:
+    ports = free_ports(4)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    shared = tmp_path / "peers"  # a ConfigMap, as the three first processes mount it
+    shared.write_text("# the web tier\n" + "\n".join(addresses[:3]) + "\nnot-an-address\n")
+    procs.extend(start(port, shared) for port in ports[:3])
+    first, second, third = procs
+    for proc in procs:
+        others = {a for a in addresses[:3] if a != proc.address}
+        wait_for(lambda p=proc, o=others: set(connected(p)) == o, 15, message="the file's peers")
+        assert set(connected(proc).values()) == {"PEERS_FILE"}
+        assert proc.request("ready")
+    evicted_everywhere(first, [second, third], "k1")
+
+    # A fourth process whose own file lists nobody else: only the others' file can join it.
+    alone = tmp_path / "alone"
+    alone.write_text("")
+    newcomer = start(ports[3], alone)
+    procs.append(newcomer)
+    assert connected(newcomer) == {}
+    with shared.open("a") as file:  # edited in place, as an operator would
+        file.write(f"{addresses[3]}\n")
+    for proc in (first, second, third):
+        wait_for(
+            lambda p=proc: connected(p).get(addresses[3]) == "PEERS_FILE",
+            10,
+            message="the added peer dialled",
+        )
+    wait_for(lambda: len(connected(newcomer)) == 3, 10, message="the newcomer joined")
+    assert set(connected(newcomer).values()) == {"inbound"}  # it dialled nobody
+    evicted_everywhere(newcomer, [first, second, third], "k2")
+    evicted_everywhere(second, [first, third, newcomer], "k3")
+
+    # Removed from the file: the others hang up, and no longer expect it.
+    shared.write_text("\n".join(addresses[:3]) + "\n")
+    wait_for(lambda: connected(newcomer) == {}, 10, message="the removed peer hung up on")
+    for proc in (first, second, third):
+        wait_for(
+            lambda p=proc: addresses[3] not in {peer["address"] for peer in p.stats()["peers"]},
+            10,
+            message="the removed peer forgotten",
+        )
+        stats = proc.stats()
+        assert stats["discovery_error"] is None
+        assert not stats["degraded"]
+    evicted_everywhere(third, [first, second], "k4")
+
+
+def test_a_missing_file_caps_the_cache_until_it_appears(
+    tmp_path: Path, procs: list[MeshProcess]
+) -> None:
+    ports = free_ports(2)
+    path = tmp_path / "not-yet"
+    procs.extend(start(port, path, DEGRADED_TIMEOUT=2.0) for port in ports)
+    first, second = procs
+    wait_for(
+        lambda: first.stats()["degraded"], 10, message="degraded while the file cannot be read"
+    )
+    assert "cannot read PEERS_FILE" in first.stats()["discovery_error"]
+    path.write_text(f"127.0.0.1:{ports[0]}\n127.0.0.1:{ports[1]}\n")
+    for proc in procs:
+        wait_for(
+            lambda p=proc: not p.stats()["degraded"] and len(connected(p)) == 1,
+            15,
+            message="connected and uncapped once the file is there",
+        )
+    evicted_everywhere(first, [second], "k")
