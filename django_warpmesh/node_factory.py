@@ -17,6 +17,7 @@ from django.utils.crypto import salted_hmac
 
 from django_warpmesh import node as mesh_node
 from django_warpmesh.conf import MeshSettings, get_settings
+from django_warpmesh.node.resolver import listening_family
 from django_warpmesh.node.static import StaticRegistry
 from django_warpmesh.node.transports import BrokerTransport, TransportError, channel_name
 
@@ -141,7 +142,10 @@ def build_node(*, observer: bool = False) -> mesh_node.MeshNode | mesh_node.Null
         return mesh_node.MeshNode(config, key, registry, observer=observer, broker=broker)
     if config.discovery_mode == "static":
         registry = StaticRegistry(
-            config.peers, config.peers_file, interval=config.discovery_interval
+            config.peers,
+            config.peers_file,
+            interval=config.discovery_interval,
+            family=listening_family(config.bind),
         )
     elif apps.is_installed("django_warpmesh"):
         from django_warpmesh.discovery import DatabaseRegistry

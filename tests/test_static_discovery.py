@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from django_warpmesh.node import DiscoveryError
-from django_warpmesh.node.resolver import NameNotResolved, NameResolver, Resolution, lookup
+from django_warpmesh.node.resolver import (
+    NameNotResolved,
+    NameResolver,
+    Resolution,
+    listening_family,
+    lookup,
+)
 from django_warpmesh.node.static import (
     MAX_FILE_BYTES,
     MAX_FILE_ENTRIES,
@@ -33,7 +39,9 @@ class FakeDNS:
         self.answering = threading.Event()  # cleared: lookups hang, as on a slow resolver
         self.answering.set()
 
-    def __call__(self, host: str, port: int, **kwargs: Any) -> list[tuple[Any, ...]]:
+    def __call__(
+        self, host: str, port: int, family: int = 0, **kwargs: Any
+    ) -> list[tuple[Any, ...]]:
         with self.lock:
             self.asked.append(host)
         assert self.answering.wait(10)
@@ -41,12 +49,13 @@ class FakeDNS:
             answer = self.records.get(host, "Name or service not known")
         if isinstance(answer, str):
             raise socket.gaierror(socket.EAI_NONAME, answer)
-        return [
+        found = [
             (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0))
             if ":" in ip
             else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
             for ip in answer
         ]
+        return [info for info in found if family in (0, info[0])]
 
     def set(self, host: str, answer: list[str] | str) -> None:
         with self.lock:
@@ -151,6 +160,18 @@ def test_a_file_of_too_many_addresses_is_cut(tmp_path: Path) -> None:
 def test_lookup_takes_every_a_and_aaaa_record(dns: FakeDNS) -> None:
     dns.set("mesh.svc", ["10.0.0.2", "10.0.0.1", "fd00::1", "10.0.0.1"])
     assert lookup(("mesh.svc", 7934), dns) == ("10.0.0.1:7934", "10.0.0.2:7934", "[fd00::1]:7934")
+
+
+def test_only_the_family_the_fleet_listens_on(dns: FakeDNS) -> None:
+    dns.set("mesh.svc", ["10.0.0.1", "fd00::1"])  # a dual-stack Service: each pod twice
+    assert listening_family("0.0.0.0") == socket.AF_INET
+    assert lookup(("mesh.svc", 7934), dns, socket.AF_INET) == ("10.0.0.1:7934",)
+    assert listening_family("::") == socket.AF_INET6
+    assert lookup(("mesh.svc", 7934), dns, socket.AF_INET6) == ("[fd00::1]:7934",)
+    assert listening_family("web-1.internal") == socket.AF_UNSPEC
+    dns.set("v4only.svc", ["10.0.0.1"])
+    with pytest.raises(NameNotResolved, match="no AAAA record"):
+        lookup(("v4only.svc", 7934), dns, socket.AF_INET6)
 
 
 def test_lookup_leaves_out_link_local_v6_and_fails_without_records() -> None:

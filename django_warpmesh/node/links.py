@@ -187,8 +187,10 @@ class Links:
             if address not in self.dialers:
                 self.dial(address)
 
-    def from_self(self, pipe: Any) -> None:
-        """A frame of our own came back on ``pipe``: we dialled ourselves; stop doing so."""
+    def from_self(self, pipe: Any) -> str | None:
+        """A frame of our own came back on ``pipe``: we dialled ourselves; stop doing so.
+
+        Returns the address we dialled ourselves by (None if not found: already handled)."""
         self.self_pipes.add(pipe.id)
         with contextlib.suppress(Exception):
             dialer = pipe.dialer
@@ -197,3 +199,5 @@ class Links:
                     del self.dialers[address]
                     logger.info("mesh: %s is this process itself; not dialling it", address)
                     dialer.close()
+                    return address
+        return None

@@ -34,6 +34,9 @@ class Membership(NodePart):
         self._expected: set[str] | None = None  # addresses we know of; None: not known yet
         # Where each address came from, as the registry said (see interfaces.Discovered).
         self.sources: dict[str, str] = {}
+        # Addresses found to lead to this node itself (a name of a Service it is behind, a host
+        # name for its own IP): never dialled, never expected.
+        self._own: set[str] = set()
         self._ready_deadline = 0.0
         # Why the last discovery sync failed (None: it worked), and how many failed in a row.
         self.discovery_error: str | None = None
@@ -46,8 +49,12 @@ class Membership(NodePart):
 
         ``addresses`` may be a mapping of each address to where it came from.
         """
-        wanted = {address for address in addresses if address != self._node.address}
         with self.lock:
+            wanted = {
+                address
+                for address in addresses
+                if address != self._node.address and address not in self._own
+            }
             first = self._expected is None
             self._expected = wanted
             if isinstance(addresses, Mapping):
@@ -57,6 +64,16 @@ class Membership(NodePart):
         if first:
             # The start-up window now lasts until those peers answer or the wait runs out.
             self._ready_deadline = self.clock() + self.config.effective_startup_wait
+        self._check_ready()
+
+    def found_self(self, address: str) -> None:
+        """A dialled address turned out to be this node: not a peer to wait for."""
+        with self.lock:
+            self._own.add(address)
+            if self._expected is not None:
+                self._expected.discard(address)
+            self.sources.pop(address, None)
+        self._update_degraded()
         self._check_ready()
 
     def _check_ready(self) -> None:

@@ -293,7 +293,9 @@ class Receiver(NodePart):
         origin = frame.origin
         if origin == self._node.node_id:
             if pipe is not None:
-                self._node.links.from_self(pipe)
+                address = self._node.links.from_self(pipe)
+                if address is not None:
+                    self._node.membership.found_self(address)
             return None
         with self.lock:
             owner = self._node.links.pipe_owner.get(pipe.id) if pipe is not None else None

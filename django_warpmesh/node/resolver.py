@@ -10,6 +10,7 @@ names and reads the last results, and a change wakes the node's discovery at onc
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import socket
 import threading
@@ -24,6 +25,7 @@ logger = logging.getLogger("django_warpmesh")
 MAX_ADDRESSES_PER_NAME = 1024
 
 Name = tuple[str, int]  # (host, port)
+_RECORDS = {int(socket.AF_INET): "A", int(socket.AF_INET6): "AAAA"}
 Lookup = Callable[..., list[tuple[Any, ...]]]  # socket.getaddrinfo's signature
 
 
@@ -40,26 +42,41 @@ class NameNotResolved(Exception):
     """A name has no address we can dial (the resolver's own error, or no A/AAAA record)."""
 
 
-def lookup(name: Name, getaddrinfo: Lookup = socket.getaddrinfo) -> tuple[str, ...]:
-    """Every IPv4 and IPv6 address of ``name`` as ``host:port``, sorted; blocks on the resolver.
+def lookup(
+    name: Name, getaddrinfo: Lookup = socket.getaddrinfo, family: int = socket.AF_UNSPEC
+) -> tuple[str, ...]:
+    """Every address of ``name`` (of ``family``: A records, AAAA records, or both) as
+    ``host:port``, sorted; blocks on the resolver.
 
     IPv6 link-local addresses are left out: they need an interface to be dialled by.
     Raises :class:`NameNotResolved`.
     """
     host, port = name
     try:
-        infos = getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise NameNotResolved(_reason(exc)) from None
     addresses = set()
-    for family, _, _, _, sockaddr in infos:
-        if family == socket.AF_INET6 and sockaddr[3]:
+    for found, _, _, _, sockaddr in infos:
+        if found == socket.AF_INET6 and sockaddr[3]:
             continue
-        if family in (socket.AF_INET, socket.AF_INET6):
+        if found in (socket.AF_INET, socket.AF_INET6):
             addresses.add(format_address(str(sockaddr[0]), port))
     if not addresses:
-        raise NameNotResolved("no A or AAAA record")
+        raise NameNotResolved(f"no {_RECORDS.get(family, 'A or AAAA')} record")
     return tuple(sorted(addresses)[:MAX_ADDRESSES_PER_NAME])
+
+
+def listening_family(bind: str) -> int:
+    """The addresses of a name worth dialling for a fleet whose nodes listen on ``bind``: A
+    records for IPv4 (the default ``0.0.0.0`` listens on IPv4 only), AAAA for IPv6; both for a
+    host name. A dual-stack Service has both for each pod: dialling both would wait for a
+    listener that is not there, or join each pair twice."""
+    try:
+        version = ipaddress.ip_address(bind).version
+    except ValueError:
+        return socket.AF_UNSPEC
+    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
 def _reason(exc: BaseException) -> str:
@@ -69,7 +86,8 @@ def _reason(exc: BaseException) -> str:
 
 
 class NameResolver:
-    """Resolves the names it is given every ``interval`` seconds, on a daemon thread.
+    """Resolves the names it is given every ``interval`` seconds, on a daemon thread; only
+    their addresses of ``family`` (see :func:`listening_family`).
 
     ``on_change`` runs on that thread when a name's addresses or its failure changed.
     """
@@ -79,8 +97,10 @@ class NameResolver:
         interval: float,
         on_change: Callable[[], None],
         getaddrinfo: Lookup = socket.getaddrinfo,
+        family: int = socket.AF_UNSPEC,
     ) -> None:
         self.interval = interval
+        self.family = family
         self._on_change = on_change
         self._getaddrinfo = getaddrinfo
         self._lock = threading.Lock()
@@ -151,7 +171,7 @@ class NameResolver:
     def _resolve(self, name: Name, before: Resolution) -> Resolution:
         self.lookups += 1
         try:
-            return Resolution(lookup(name, self._getaddrinfo))
+            return Resolution(lookup(name, self._getaddrinfo, self.family))
         except NameNotResolved as exc:
             # The last good set stays: one failed lookup must not drop every peer of a name.
             return Resolution(before.addresses, str(exc))

@@ -105,13 +105,15 @@ class StaticRegistry:
         peers_file: str | None = None,
         *,
         interval: float = 5.0,
+        family: int = socket.AF_UNSPEC,
         getaddrinfo: Lookup = socket.getaddrinfo,
     ) -> None:
         """``peers``: ``host:port`` strings as ``PEERS`` holds them; ``interval``: how often
-        host names are resolved again (``DISCOVERY_INTERVAL``)."""
+        host names are resolved again (``DISCOVERY_INTERVAL``); ``family``: which of their
+        addresses are peers (:func:`~.resolver.listening_family`)."""
         self.listed = [parse_address("PEERS", address) for address in peers]
         self.file = PeersFile(peers_file) if peers_file else None
-        self.resolver = NameResolver(interval, self._names_changed, getaddrinfo)
+        self.resolver = NameResolver(interval, self._names_changed, getaddrinfo, family)
         self._node: MeshNode | None = None
         self._answered = False  # a full set was returned once
         self._announced: set[str] = set()

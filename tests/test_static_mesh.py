@@ -1,5 +1,7 @@
-"""Static discovery through WARPMESH['PEERS_FILE'], with real processes on loopback: the file is
-read again while they run, so a peer added to it is dialled and one removed is hung up on."""
+"""Static discovery with real processes: WARPMESH['PEERS_FILE'] read again while they run (a peer
+added to it is dialled, one removed is hung up on), host names resolved again (in a network
+namespace of the test's own, with its own hosts file), and a listed address that is the process
+itself."""
 
 from __future__ import annotations
 
@@ -115,3 +117,19 @@ def test_a_missing_file_caps_the_cache_until_it_appears(
             message="connected and uncapped once the file is there",
         )
     evicted_everywhere(first, [second], "k")
+
+
+def test_a_listed_address_that_turns_out_to_be_itself_is_not_waited_for(
+    tmp_path: Path, procs: list[MeshProcess]
+) -> None:
+    # Behind a NAT, or a Service: it advertises one address, and is listed under another.
+    (port,) = free_ports(1)
+    listed = tmp_path / "peers"
+    listed.write_text(f"127.0.0.1:{port}\n")
+    proc = start(port, listed, ADVERTISE=f"127.0.0.9:{port}", STARTUP_WAIT=30.0)
+    procs.append(proc)
+    assert proc.address == f"127.0.0.9:{port}"
+    wait_for(lambda: proc.request("ready"), 10, message="ready without waiting for itself")
+    stats = proc.stats()
+    assert not stats["degraded"]
+    assert stats["peers"] == []
