@@ -231,6 +231,21 @@ def test_a_peer_that_said_goodbye_is_not_lost(table: PeerTable, clock: Clock) ->
     assert table.expire() == ([], [])
 
 
+def test_the_address_of_a_peer_that_said_goodbye_is_not_missed_for_a_while(
+    table: PeerTable, clock: Clock
+) -> None:
+    peer = known(table)
+    peer.address, peer.dialed_as = "10.0.0.1:7934", "web-1:7934"
+    table.heard(peer)
+    assert table.departed_addresses(since=0.0) == set()  # alive: not departed
+    table.left(peer)
+    left_at = clock()
+    assert table.departed_addresses(since=left_at) == {"10.0.0.1:7934", "web-1:7934"}
+    assert table.departed_addresses(since=left_at + 0.001) == set()  # too long ago
+    table.heard(peer)  # back (the same node): alive again, no longer departed
+    assert table.departed_addresses(since=0.0) == set()
+
+
 def test_what_the_rest_of_the_node_reads(table: PeerTable) -> None:
     member, observer, silent = known(table, A), known(table, B), known(table, C)
     member.address, member.dialed_as = "10.0.0.1:7934", "web-1:7934"

@@ -5,13 +5,14 @@ itself."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import free_ports, wait_for
+from harness import free_ports, stays, wait_for
 from tests.cluster import MeshProcess
 
 pytestmark = pytest.mark.mesh
@@ -133,3 +134,29 @@ def test_a_listed_address_that_turns_out_to_be_itself_is_not_waited_for(
     stats = proc.stats()
     assert not stats["degraded"]
     assert stats["peers"] == []
+
+
+def test_a_peer_that_leaves_cleanly_caps_nobody_while_it_is_still_listed(
+    tmp_path: Path, procs: list[MeshProcess]
+) -> None:
+    # A rolling deploy: the old pod says goodbye, its address stays listed (a DNS record, a
+    # file) until discovery catches up. Only after STALE_AFTER is it missed.
+    ports = free_ports(3)
+    listed = tmp_path / "peers"
+    listed.write_text("".join(f"127.0.0.1:{port}\n" for port in ports))
+    procs.extend(start(port, listed, STALE_AFTER=3.0) for port in ports)
+    leaving, *staying = procs
+    for proc in procs:
+        wait_for(lambda p=proc: len(connected(p)) == 2, 15, message="all connected")
+    leaving.ask_exit()
+    assert leaving.wait_eof(time.monotonic() + 10)
+    for proc in staying:
+        wait_for(lambda p=proc: leaving.address not in connected(p), 5, message="the goodbye heard")
+    stays(
+        lambda: not any(proc.stats()["degraded"] for proc in staying),
+        1.0,
+        message="nobody capped by a peer that left cleanly",
+    )
+    evicted_everywhere(staying[0], staying[1:], "k")
+    # Still listed after STALE_AFTER: now it is a peer that cannot be reached.
+    wait_for(lambda: staying[0].stats()["degraded"], 10, message="missed after STALE_AFTER")

@@ -110,7 +110,11 @@ class Membership(NodePart):
         discovery fails (a peer we do not know of may exist): see docs/consistency.md."""
         with self.lock:
             expected = self._expected or set()
-            reachable = self.table.alive_addresses()
+            # A peer that said goodbye is not missed while discovery catches up with its
+            # departure (its row deleted, its DNS record or mDNS announcement gone).
+            reachable = self.table.alive_addresses() | self.table.departed_addresses(
+                self.clock() - self.config.stale_after
+            )
         self._node.degraded = (
             bool(expected - reachable)
             or self.discovery_failures >= DISCOVERY_FAILURES_DEGRADED

@@ -59,6 +59,8 @@ class Peer:
     pipeless_since: float | None = None
     latency_ms: float | None = None
     alive: bool = False
+    # When it said goodbye (None: it did not, or came back since): its address is not missed.
+    left_at: float | None = None
     observer: bool = False
     invalidations_received: int = 0
     gaps_detected: int = 0
@@ -171,12 +173,13 @@ class PeerTable:
         was_alive = peer.alive
         peer.last_heard = self.clock() if now is None else now
         peer.alive = True
+        peer.left_at = None
         return was_alive
 
-    @staticmethod
-    def left(peer: Peer) -> None:
+    def left(self, peer: Peer, now: float | None = None) -> None:
         """It said goodbye: not alive, and not lost either."""
         peer.alive = False
+        peer.left_at = self.clock() if now is None else now
 
     def track_invalidate(self, peer: Peer, seq: int, ready: bool, now: float | None = None) -> Seq:
         """An INVALIDATE frame numbered ``seq`` (invalidation frames count from 1)."""
@@ -252,6 +255,17 @@ class PeerTable:
     def alive_addresses(self) -> set[str]:
         """The addresses of the peers alive: advertised, and dialled as."""
         return {a for p in self.peers.values() if p.alive for a in (p.address, p.dialed_as)}
+
+    def departed_addresses(self, since: float) -> set[str]:
+        """The addresses of the peers that said goodbye at ``since`` or later, and have not come
+        back: nothing of theirs can be missed, until discovery drops them."""
+        return {
+            a
+            for p in self.peers.values()
+            if not p.alive and p.left_at is not None and p.left_at >= since
+            for a in (p.address, p.dialed_as)
+            if a
+        }
 
     def alive_members(self) -> set[bytes]:
         """The ids of the peers alive that are part of the mesh (not observers)."""
