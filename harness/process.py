@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +36,9 @@ class ProcessError(RuntimeError):
 
 class JsonLinesProcess:
     """``python -m <module>`` started from :data:`harness.ROOT`, with exactly ``env`` as its
-    environment, driven by JSON lines.
+    environment, driven by JSON lines. ``prefix``: a command that runs it, such as ``["ip",
+    "netns", "exec", NAME]`` (:mod:`harness.netns`); it must exec the process, not fork it, so
+    that ``pid`` is the Python process's own.
 
     Its stderr goes to a temporary file, not a pipe: a pipe nobody reads fills up and blocks the
     child; the file is read for error messages (:meth:`stderr_tail`).
@@ -53,6 +55,7 @@ class JsonLinesProcess:
         *,
         name: str = "",
         timeout: float = DEFAULT_TIMEOUT,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.timeout = timeout  # for every read that is not given a timeout of its own
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
@@ -61,7 +64,7 @@ class JsonLinesProcess:
         self._exiting = False
         self.hello: dict[str, Any] | None = None  # the child's first line, once read
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [*prefix, sys.executable, "-m", module],
             cwd=ROOT,
             env=dict(env),
             stdin=subprocess.PIPE,

@@ -21,7 +21,9 @@ class MeshProcess(JsonLinesProcess):
     """One ``python -m tests.meshproc`` process (tests.settings), ``warpmesh`` its ``WARPMESH``.
 
     ``env`` is added to this process's environment, less ``WARPMESH_ENABLED``: whether the mesh
-    runs is the test's ``warpmesh`` to say. Started when made: it has said hello on return.
+    runs is the test's ``warpmesh`` to say. ``prefix``: what runs it (a network namespace's
+    ``ip netns exec NAME``, :mod:`harness.netns`). Started when made: it has said hello on
+    return.
     """
 
     def __init__(
@@ -29,11 +31,13 @@ class MeshProcess(JsonLinesProcess):
         warpmesh: dict[str, Any],
         env: dict[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        *,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.warpmesh = warpmesh
         full_env = {**os.environ, "WARPMESH_JSON": json.dumps(warpmesh), **(env or {})}
         full_env.pop("WARPMESH_ENABLED", None)
-        super().__init__("tests.meshproc", full_env, timeout=timeout)
+        super().__init__("tests.meshproc", full_env, timeout=timeout, prefix=prefix)
         self.address: str | None = None
         try:
             self.wait_hello()
