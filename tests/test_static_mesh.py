@@ -6,22 +6,26 @@ itself."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import free_ports, stays, wait_for
+from harness import free_ports, netns, stays, wait_for
 from tests.cluster import MeshProcess
+from tests.lan import require_namespaces
 
 pytestmark = pytest.mark.mesh
 
 TIMINGS = {"HEARTBEAT": 0.2, "DISCOVERY_INTERVAL": 0.2, "BIND": "127.0.0.1", "PORT_RANGE": 1}
 
 
-def start(port: int, peers_file: Path, **warpmesh: Any) -> MeshProcess:
-    proc = MeshProcess({**TIMINGS, "PORT": port, "PEERS_FILE": str(peers_file), **warpmesh})
+def start(
+    port: int, peers_file: Path | None, prefix: Sequence[str] = (), **warpmesh: Any
+) -> MeshProcess:
+    listed = {"PEERS_FILE": str(peers_file)} if peers_file else {}
+    proc = MeshProcess({**TIMINGS, "PORT": port, **listed, **warpmesh}, prefix=prefix)
     proc.address = proc.request("start")["address"]
     return proc
 
@@ -160,3 +164,64 @@ def test_a_peer_that_leaves_cleanly_caps_nobody_while_it_is_still_listed(
     evicted_everywhere(staying[0], staying[1:], "k")
     # Still listed after STALE_AFTER: now it is a peer that cannot be reached.
     wait_for(lambda: staying[0].stats()["degraded"], 10, message="missed after STALE_AFTER")
+
+
+def hosts(name: str, *numbers: int) -> str:
+    """A hosts file where ``name`` resolves to 127.0.0.N for each N: one line per address, as a
+    headless Service's records."""
+    return netns.DEFAULT_HOSTS + "".join(f"127.0.0.{n}\t{name}\n" for n in numbers)
+
+
+def test_a_host_name_resolved_again_while_the_fleet_runs(procs: list[MeshProcess]) -> None:
+    require_namespaces()
+    name = "shop-mesh.test"
+    # A namespace of the test's own: its hosts file is the DNS, every 127.x address is its own.
+    with netns.namespace(hosts_file=hosts(name, 2, 3, 4)) as host:
+
+        def member(number: int) -> MeshProcess:
+            proc = start(
+                7934,
+                None,
+                host.prefix,
+                BIND=f"127.0.0.{number}",
+                PEERS=[f"{name}:7934"],  # every pod lists the Service, itself included
+            )
+            procs.append(proc)
+            return proc
+
+        first, second, third = (member(n) for n in (2, 3, 4))
+        for proc in procs:
+            wait_for(lambda p=proc: len(connected(p)) == 2, 15, message="the name's peers")
+            assert set(connected(proc).values()) == {f"dns:{name}"}
+        evicted_everywhere(first, [second, third], "k1")
+
+        # A new pod: its record appears, and every pod dials it.
+        host.write_hosts(hosts(name, 2, 3, 4, 5))
+        fourth = member(5)
+        for proc in procs:
+            wait_for(lambda p=proc: len(connected(p)) == 3, 10, message="the new record dialled")
+        evicted_everywhere(fourth, [first, second, third], "k2")
+
+        # A pod that vanishes (killed with its node): unreachable, capping the others, until its
+        # record is gone; then it is no longer expected.
+        second.kill()
+        wait_for(lambda: first.stats()["degraded"], 10, message="the vanished pod missed")
+        host.write_hosts(hosts(name, 2, 4, 5))
+        for proc in (first, third, fourth):
+            wait_for(
+                lambda p=proc: not p.stats()["degraded"], 10, message="its record gone: not missed"
+            )
+            assert "127.0.0.3:7934" not in {peer["address"] for peer in proc.stats()["peers"]}
+        evicted_everywhere(third, [first, fourth], "k3")
+
+        # The name stops resolving: the last good set stays, and the failure shows.
+        host.write_hosts(netns.DEFAULT_HOSTS)
+        wait_for(
+            lambda: (
+                "cannot resolve shop-mesh.test:7934" in (first.stats()["discovery_error"] or "")
+            ),
+            10,
+            message="the failed lookup reported",
+        )
+        assert set(connected(first)) == {"127.0.0.4:7934", "127.0.0.5:7934"}
+        evicted_everywhere(first, [third, fourth], "k4")
