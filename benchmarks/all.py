@@ -1,6 +1,6 @@
 """Every benchmark of issue 8 in one run, side by side, and the report.
 
-    benchmarks/run [--quick] [--only 1,2,3,4,5,6,7,8] [--output DIR]
+    benchmarks/run [--quick] [--only 1,2,3,4,5,6,7,8,9] [--output DIR]
 
 Runs the sections in order, prints each table as it is measured, then writes
 ``DIR/benchmarks.md`` and ``DIR/benchmarks-latency.png``. ``DIR`` is ``docs/`` for a full run; a
@@ -24,6 +24,7 @@ from types import FrameType
 from benchmarks import (
     churn,
     host,
+    join_latency,
     latency,
     loaded,
     ops,
@@ -46,6 +47,7 @@ TITLES = {
     6: "Churn: workers replaced, short-lived writers",
     7: "Loaded workers",
     8: transport_compare.TITLE,
+    9: join_latency.TITLE,
 }
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         6: lambda: [churn.run(quick)],
         7: lambda: [loaded.run(quick)],
         8: lambda: [transport_compare.run(quick)],
+        9: lambda: [join_latency.run(quick)],
     }
     sections: list[Section] = []
     try:

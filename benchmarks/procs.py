@@ -36,12 +36,17 @@ class Worker(JsonLinesProcess):
 
     ``warpmesh`` is its ``WARPMESH`` setting; ``env`` is added to its environment (after every
     ``WARPMESH_*`` variable of ours is removed, so the parent's environment cannot change it).
+    ``prefix`` runs it (a network namespace's ``ip netns exec NAME``, :mod:`harness.netns`).
     Started when made; :meth:`wait_hello` (or the first call) waits for it to have started, so
     that several workers can start at once.
     """
 
     def __init__(
-        self, name: str, warpmesh: dict[str, Any], env: dict[str, str] | None = None
+        self,
+        name: str,
+        warpmesh: dict[str, Any],
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.warpmesh = warpmesh
         self.env = env
@@ -60,7 +65,7 @@ class Worker(JsonLinesProcess):
         self.connected_ns = 0  # when its node first had every peer of its fleet (mesh_fleet)
         # A minute for what is not given a timeout of its own (the hello: Python and Django
         # start-up, on a machine busy with a whole fleet doing the same).
-        super().__init__("benchmarks.worker", full_env, name=name, timeout=60.0)
+        super().__init__("benchmarks.worker", full_env, name=name, timeout=60.0, prefix=prefix)
         _alive.add(self)
 
     def wait_hello(self, timeout: float | None = None) -> dict[str, Any]:
@@ -139,14 +144,18 @@ def kill_everything() -> None:
 
 
 def spawn(
-    specs: Sequence[tuple[str, dict[str, Any], dict[str, str] | None]], timeout: float = 60.0
+    specs: Sequence[tuple[str, dict[str, Any], dict[str, str] | None]],
+    timeout: float = 60.0,
+    prefixes: Sequence[Sequence[str]] = (),
 ) -> list[Worker]:
     """Start several workers at once (their Django start-ups overlap), then wait for each, all
-    within ``timeout``."""
+    within ``timeout``. ``prefixes``: what runs each (see :class:`Worker`), if not ().
+    """
     workers: list[Worker] = []
     try:
-        for name, warpmesh, env in specs:
-            workers.append(Worker(name, warpmesh, env))
+        for index, (name, warpmesh, env) in enumerate(specs):
+            prefix = prefixes[index] if index < len(prefixes) else ()
+            workers.append(Worker(name, warpmesh, env, prefix))
         deadline = time.monotonic() + timeout
         for worker in workers:
             worker.wait_hello(max(0.0, deadline - time.monotonic()))
