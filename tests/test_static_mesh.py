@@ -5,6 +5,7 @@ itself."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from harness import free_ports, netns, stays, wait_for
-from tests.cluster import MeshProcess
+from tests.cluster import MeshProcess, manage
 from tests.lan import require_namespaces
 
 pytestmark = pytest.mark.mesh
@@ -122,6 +123,29 @@ def test_a_missing_file_caps_the_cache_until_it_appears(
             message="connected and uncapped once the file is there",
         )
     evicted_everywhere(first, [second], "k")
+
+
+def test_mesh_status_finds_the_peers_where_the_nodes_do(
+    tmp_path: Path, procs: list[MeshProcess]
+) -> None:
+    ports = free_ports(2)
+    listed = tmp_path / "peers"
+    listed.write_text("".join(f"127.0.0.1:{port}\n" for port in ports))
+    procs.extend(start(port, listed) for port in ports)
+    for proc in procs:
+        wait_for(lambda p=proc: len(connected(p)) == 1, 15, message="connected")
+    result = manage(
+        "mesh_status",
+        "--json",
+        env={"WARPMESH_PEERS_FILE": str(listed), "WARPMESH_HEARTBEAT": "0.2"},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["discovery"] == f"static PEERS_FILE {listed}"
+    assert {peer["address"]: peer["source"] for peer in report["peers"]} == {
+        f"127.0.0.1:{port}": "PEERS_FILE" for port in ports
+    }
+    assert all(peer["answering"] for peer in report["peers"])
 
 
 def test_a_listed_address_that_turns_out_to_be_itself_is_not_waited_for(
