@@ -147,6 +147,10 @@ def build_node(*, observer: bool = False) -> mesh_node.MeshNode | mesh_node.Null
             interval=config.discovery_interval,
             family=listening_family(config.bind),
         )
+    elif config.discovery_mode == "mdns":
+        from django_warpmesh.node.mdns import MdnsRegistry
+
+        registry = MdnsRegistry(config, frame_key(config))
     elif apps.is_installed("django_warpmesh"):
         from django_warpmesh.discovery import DatabaseRegistry
 
