@@ -224,6 +224,17 @@ def _discovery_syncs(request: dict[str, Any]) -> Any:
     return mesh_node.get_node().registry.syncs  # type: ignore[union-attr]
 
 
+@command("registry")
+def _registry(request: dict[str, Any]) -> Any:
+    # The registry's counters (syncs, and what its kind counts: mDNS's ignored and malformed).
+    registry = mesh_node.get_node().registry  # type: ignore[union-attr]
+    return {
+        name: value
+        for name, value in vars(registry).items()
+        if isinstance(value, int) and not name.startswith("_")
+    }
+
+
 @command("discovery_failures")
 def _discovery_failures(request: dict[str, Any]) -> Any:
     return mesh_node.get_node().discovery_failures  # type: ignore[union-attr]
