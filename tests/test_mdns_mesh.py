@@ -76,6 +76,8 @@ def trio(network: Lan) -> Iterator[list[MeshProcess]]:
         yield procs
     finally:
         for proc in procs:
+            proc.ask_exit()  # all leaving at once, then each waited for
+        for proc in procs:
             proc.close()
 
 
@@ -141,14 +143,18 @@ def test_another_secret_is_never_dialled_and_malformed_records_are_dropped(
         stranger.close()
 
 
-def test_a_peer_that_joins_is_found_and_one_that_stops_says_goodbye(
+def test_peers_that_join_are_found_and_one_that_stops_says_goodbye(
     trio: list[MeshProcess], host: Host
 ) -> None:
-    newcomer = start_on(host, STALE_AFTER=30)
+    # Two on one host, as the workers of a pre-fork server: they share UDP port 5353.
+    newcomer = start_on(host, STALE_AFTER=30, MDNS_INTERFACES=["eth0"])
+    neighbour = start_on(host, PORT=7935)
     try:
-        wait_for(lambda: meshed([*trio, newcomer]), 15, interval=0.05, message="joined")
-        write_reaches(newcomer, trio, "from-newcomer")
+        procs = [*trio, newcomer, neighbour]
+        wait_for(lambda: meshed(procs), 15, interval=0.05, message="joined")
+        write_reaches(newcomer, [*trio, neighbour], "from-newcomer")
     finally:
+        neighbour.close()
         newcomer.close()
     # Long before its records' TTL (STALE_AFTER, 30 s): the goodbye.
     wait_for(
@@ -198,3 +204,15 @@ def test_a_child_forked_from_an_mdns_node_leaves_its_zeroconf_alone(
     assert child.receive(timeout=10) == {"ok": {"child_status": 0}}
     wait_for(lambda: meshed(trio), 5, message="the three still meshed")
     write_reaches(parent, peers, "from-the-parent")
+
+
+def test_an_interface_that_does_not_exist_is_a_discovery_failure(network: Lan) -> None:
+    proc = start_on(network.hosts[0], PORT=7936, MDNS_INTERFACES=["eth9"])
+    try:
+        stats = wait_for(
+            lambda: (stats := proc.stats())["degraded"] and stats, 10, message="degraded"
+        )
+    finally:
+        proc.close()
+    assert "no network interface 'eth9' (it has eth0, lo)" in stats["discovery_error"]
+    assert stats["discovery_failures"] >= 2
