@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from django_warpmesh.node import mdns_records as records
 from django_warpmesh.node.config import MeshSettings
 from django_warpmesh.node.interfaces import DiscoveryError
 from django_warpmesh.node_factory import frame_key
+from harness import ROOT
 
 KEY = b"k" * 32
 OURS = records.fingerprint(KEY)
@@ -237,3 +239,15 @@ def test_zeroconf_that_cannot_listen_is_a_discovery_error(monkeypatch: pytest.Mo
     monkeypatch.setattr(zeroconf, "Zeroconf", refuse)
     with pytest.raises(DiscoveryError, match="mDNS cannot listen on UDP port 5353"):
         mdns.open_zeroconf(())
+
+
+def test_importing_the_registry_imports_neither_zeroconf_nor_django() -> None:
+    # A fresh interpreter: zeroconf is an optional extra, and node/ knows no Django.
+    code = (
+        "import sys, django_warpmesh.node.mdns; "
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('zeroconf', 'django')]"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
