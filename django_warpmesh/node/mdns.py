@@ -28,14 +28,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django_warpmesh import protocol
 from django_warpmesh.node import mdns_records as records
 from django_warpmesh.node.interfaces import Discovered, DiscoveryError
 
 if TYPE_CHECKING:
-    from zeroconf import ServiceBrowser, ServiceInfo, Zeroconf
+    from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
     from django_warpmesh.node.config import MeshSettings
     from django_warpmesh.node.core import MeshNode
@@ -117,13 +117,13 @@ class ServiceWatch:
         if self.browser is not None:
             self.browser.cancel()
 
-    def changed(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: Any) -> None:
+    def changed(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         """The browser's handler: record, and ask for a sync (never any I/O here)."""
-        from zeroconf import ServiceStateChange
-
         try:
             with self._lock:
-                if state_change is ServiceStateChange.Removed:
+                if state_change.name == "Removed":
                     self._names.discard(name)
                     self._requested.discard(name)
                     self._goodbyes.add(name)
@@ -187,6 +187,7 @@ def request_services(zc: Zeroconf, names: list[str]) -> None:
     try:
         future.result(timeout=REQUEST_TIMEOUT + 1.0)
     except Exception:
+        # Timed out, or zeroconf closing: a service that did not answer counts as gone.
         future.cancel()
 
 
