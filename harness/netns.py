@@ -125,9 +125,10 @@ def write_etc(namespace: str, filename: str, text: str) -> Path:
 
 def write_hosts(namespace: str, text: str) -> Path:
     """The ``/etc/hosts`` of ``namespace``: glibc reads it again at each lookup, so a running
-    process's next ``getaddrinfo`` sees what was written. A name on several lines (one line per
-    address) resolves to all of them, in file order (``multi on``, which every namespace made
-    here has in its ``/etc/host.conf``)."""
+    process's next ``getaddrinfo`` sees what was written. A line holds one address (and any
+    number of names): a name on several lines resolves to all of their addresses, with ``multi
+    on`` (which every namespace made here has in its ``/etc/host.conf``; with ``multi off`` only
+    the first). They come in file order unless getaddrinfo's RFC 6724 sorting reorders them."""
     return write_etc(namespace, "hosts", text)
 
 
