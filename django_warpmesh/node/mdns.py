@@ -9,7 +9,7 @@ Everything of ours runs on the node's maintenance thread (``sync``, ``leave``) o
 python-zeroconf's threads: its event loop (sockets, the cache, our refresh timer) and the
 browser's thread, whose handler only records the change and asks for a sync. ``initial()``
 does nothing, so nothing here ever runs on a request's thread. zeroconf is an optional extra,
-imported only when a registry is made.
+imported on the maintenance thread (at the first sync).
 
 How records live and die in python-zeroconf (0.154): a receiver raises a PTR record's TTL to
 at least 1125 s, and neither side ever refreshes SRV and TXT records (the browser refreshes
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import logging
 import threading
 import time
@@ -57,12 +58,18 @@ MAX_MDNS_PEERS = 1024
 MAX_SERVICES = 4 * MAX_MDNS_PEERS
 
 
-def import_zeroconf() -> None:
+def require_zeroconf() -> None:
+    """Raise :class:`DiscoveryError` if zeroconf is not installed, without importing it: that
+    takes tens of milliseconds, and a registry is made where the node starts, which may be a
+    request's thread. The maintenance thread imports it."""
     try:
-        import zeroconf  # noqa: F401
-    except ImportError as exc:
+        found = importlib.util.find_spec("zeroconf") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise DiscoveryError(
-            f"mDNS discovery needs python-zeroconf ({exc}): pip install 'django-warpmesh[mdns]'"
+            "mDNS discovery needs python-zeroconf, which is not installed: "
+            "pip install 'django-warpmesh[mdns]'"
         )
 
 
@@ -197,7 +204,7 @@ class MdnsRegistry:
     description = f"mDNS discovery ({records.SERVICE_TYPE})"
 
     def __init__(self, config: MeshSettings, key: bytes) -> None:
-        import_zeroconf()
+        require_zeroconf()
         self.config = config
         self.fingerprint = records.fingerprint(key)
         self.ttl = records.record_ttl(config.stale_after)
