@@ -116,6 +116,7 @@ class DatabaseRegistry:
         self.alias = database_alias(config)
         self.description = f"database discovery ({self.alias})"
         self.syncs = 0
+        self.rejected = 0
         self._warned: set[str] = set()
         self._announced: set[str] = set()
 
@@ -216,7 +217,7 @@ class DatabaseRegistry:
             try:
                 dialable_address(address)
             except ImproperlyConfigured:
-                self._warn_once(
+                self.rejected += self._warn_once(
                     f"bad:{node_id}:{address}",
                     "mesh: skipping peer row %s with a bad address %r",
                     node_id,
@@ -267,10 +268,13 @@ class DatabaseRegistry:
             f"cannot reach the peer table on database {self.alias!r} ({first_line})"
         )
 
-    def _warn_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
+    def _warn_once(self, key: str, message: str, *args: object) -> bool:
+        """Log once per ``key``; whether this was the first time."""
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        logger.warning(message, *args)
+        return True
 
 
 class _ProbeNode:

@@ -36,6 +36,7 @@ class BrokerRegistry:
     """A broker ``TRANSPORT``: every process subscribed hears every frame, nobody is dialled."""
 
     description = "no discovery: every process subscribed to the broker"
+    rejected = 0
 
     def initial(self) -> mesh_node.Discovered | None:
         return {}

@@ -35,6 +35,7 @@ from django_warpmesh.discovery import (
     peer_rows,
     peer_table_missing,
 )
+from django_warpmesh.node.mdns import MdnsRegistry
 from django_warpmesh.node.static import StaticRegistry
 from django_warpmesh.node.transports import TransportError
 from django_warpmesh.node_factory import BrokerRegistry, build_node
@@ -245,8 +246,11 @@ def find_targets(registry: mesh_node.PeerRegistry) -> Census | None:
         return None
     if isinstance(registry, DatabaseRegistry):
         return _table_census(registry)
-    if isinstance(registry, StaticRegistry):
-        found = registry.lookup_now(LOOKUP_TIMEOUT)
+    if isinstance(registry, StaticRegistry | MdnsRegistry):
+        try:
+            found = registry.lookup_now(LOOKUP_TIMEOUT)
+        except mesh_node.DiscoveryError as exc:
+            raise Unavailable("misconfigured", f"misconfigured: {exc}") from exc
     else:
         found = registry.initial() or {}
     return Census(

@@ -23,15 +23,29 @@ def main() -> None:
 
     import django_warpmesh
 
-    if mode in ("after-open", "after-stop"):
+    if mode in ("after-open", "after-stop", "garbage"):
         cache.set("parent-key", "parent", None)
     if mode == "after-stop":
         from django_warpmesh.node import stop_node
 
         stop_node()  # the socket was opened, and there is no node left to relay through
+    if mode == "garbage":
+        # A pynng socket of the parent's, in a reference cycle not collected yet (as a thread's
+        # traceback can leave one): the child's collector finds it.
+        import gc
+
+        import pynng
+
+        gc.disable()
+        cycle: list[object] = [pynng.Pair0()]
+        cycle.append(cycle)
+        del cycle
     pid = os.fork()
     if pid == 0:
         try:
+            if mode == "garbage":
+                gc.enable()
+                gc.collect()
             had_parent_value = cache.get("parent-key") is not None
             cache.set("child-key", "child", None)
             report = {

@@ -1,7 +1,8 @@
 """Calls a mesh process on a LAN host runs for the mDNS tests (``tests.meshproc``'s ``run``).
 
-``lookup``: what ``mesh_status``'s observer would find. ``announce``: a stranger on the LAN
-announcing services of our type with whatever TXT record it likes, as anyone on it can.
+``lookup``: what ``mesh_status``'s observer would find; ``status``: its report. ``announce``: a
+stranger on the LAN announcing services of our type with whatever TXT record it likes, as anyone
+on it can.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ def lookup(timeout: float) -> dict[str, str]:
 
     config = get_settings()
     return dict(MdnsRegistry(config, frame_key(config)).lookup_now(timeout))
+
+
+def status(timeout: float) -> dict[str, Any]:
+    """One round of ``manage.py mesh_status --json``: the report."""
+    from django_warpmesh.observe import Observer
+
+    observer = Observer()
+    try:
+        return observer.report(timeout)
+    finally:
+        observer.close()
 
 
 def announce(services: dict[str, str], address: str) -> list[str]:

@@ -48,6 +48,13 @@ def test_child_of_a_process_that_opened_the_socket_is_relayed_by_it() -> None:
     assert "its invalidations are relayed through that process's node" in stderr
 
 
+def test_a_parent_socket_collected_in_the_child_does_not_abort_it() -> None:
+    # pynng closes a socket when it is collected, and any nng call aborts a forked child.
+    child, parent, _ = run_fork("garbage")
+    assert parent["child_status"] == 0  # not aborted (6: SIGABRT)
+    assert child["child_value"] == "child"
+
+
 def test_child_of_a_process_whose_node_stopped_caches_locally_capped() -> None:
     child, parent, stderr = run_fork("after-stop")
     assert parent["child_status"] == 0  # not aborted

@@ -193,6 +193,22 @@ def test_lookup_finds_the_peers_without_registering(trio: list[MeshProcess], net
     assert all(expected_by(proc) for proc in trio)
 
 
+def test_mesh_status_finds_the_mesh_by_mdns(trio: list[MeshProcess], host: Host) -> None:
+    observer = MeshProcess(
+        {"DISCOVERY": "mdns", "BIND": host.address, **TIMING}, prefix=host.prefix
+    )
+    try:
+        report = observer.request("run", function="tests.mdnsproc.status", kwargs={"timeout": 3})
+    finally:
+        observer.close()
+    assert report["status"] == "healthy", report["verdict"]
+    assert report["discovery"] == "mDNS discovery (_warpmesh._tcp.local.)"
+    assert {peer["address"]: peer["source"] for peer in report["peers"]} == {
+        proc.address: "mdns" for proc in trio
+    }
+    assert all(peer["answering"] for peer in report["peers"])
+
+
 def test_a_child_forked_from_an_mdns_node_leaves_its_zeroconf_alone(
     trio: list[MeshProcess],
 ) -> None:
@@ -201,7 +217,8 @@ def test_a_child_forked_from_an_mdns_node_leaves_its_zeroconf_alone(
     child = parent  # the child answers on the same pipes until it exits
     write_reaches(child, peers, "from-the-child")  # relayed through the parent
     child.request("exit")
-    assert child.receive(timeout=10) == {"ok": {"child_status": 0}}
+    got = child.receive(timeout=10)
+    assert got == {"ok": {"child_status": 0}}, parent.stderr_tail()
     wait_for(lambda: meshed(trio), 5, message="the three still meshed")
     write_reaches(parent, peers, "from-the-parent")
 

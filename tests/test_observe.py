@@ -15,6 +15,7 @@ from django_warpmesh.conf import parse
 from django_warpmesh.discovery import DatabaseRegistry
 from django_warpmesh.node_factory import BrokerRegistry, StaticRegistry
 from django_warpmesh.observe import find_targets
+from harness import wait_for
 
 
 def test_static_peers_are_the_targets_in_address_order() -> None:
@@ -60,3 +61,39 @@ def test_the_targets_are_the_rows_a_node_would_dial() -> None:
     assert newest.last_seen is not None
     assert newest.started_at == newest.last_seen
     assert 0 <= (census.now - newest.last_seen).total_seconds() < 60  # the database's clock
+
+
+# -- a stats reply's delivery ---------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_reply_whose_delivery_fails_in_any_way_ends_its_thread_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django_warpmesh.node import replies
+
+    class Broken:
+        """pynng's socket as it once failed: recv raising RuntimeError, not NNGException."""
+
+        def __init__(self, **options: object) -> None:
+            pass
+
+        def __enter__(self) -> Broken:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def dial(self, url: str, block: bool) -> None:
+            pass
+
+        def send(self, data: bytes) -> None:
+            pass
+
+        def recv(self) -> bytes:
+            raise RuntimeError("cannot use unpack() on <cdata 'char *' NULL>")
+
+    monkeypatch.setattr(replies.pynng, "Req0", Broken)
+    sender = replies.ReplySender(None)
+    for _ in range(replies.MAX_IN_FLIGHT * 3):  # each slot given back, or they run out
+        wait_for(lambda: sender.send("127.0.0.1:9", b"stats"), 5, message="a free slot")

@@ -92,6 +92,7 @@ def test_registry_registers_removes_stale_and_skips_garbage(
     for _ in range(3):
         addresses = registry.sync(FakeNode())  # type: ignore[arg-type]
         assert addresses == {"127.0.0.2:7934": "database"}
+    assert registry.rejected == 1  # the bad address, counted once
     own = PeerRow.objects.get(node_id=FakeNode.hex_id)
     assert own.address == FakeNode.address
     assert own.caches == ["default"]

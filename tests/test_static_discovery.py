@@ -303,6 +303,7 @@ def test_the_file_read_at_each_sync(
     assert reg.sync(node) == {"10.0.0.1:7934": "PEERS", "10.0.0.3:7934": "PEERS_FILE"}  # type: ignore[arg-type]
     bad = [r for r in caplog.records if "line 2" in r.getMessage()]
     assert len(bad) == 1  # said once, not at every sync
+    assert reg.rejected == 1
     assert f"PEERS_FILE {path} line 2: 'not an address' is not of the form host:port" in (
         bad[0].getMessage()
     )

@@ -221,6 +221,7 @@ def test_unreadable_files_at_start_fail_the_node_naming_the_key(pki: PKI, tmp_pa
 
 class Registry:
     description = "test"
+    rejected = 0
 
     def initial(self) -> list[str] | None:
         return None

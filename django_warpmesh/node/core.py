@@ -408,6 +408,7 @@ class MeshNode:
             "discovery": self.registry.description,
             "discovery_error": self.membership.discovery_error,
             "discovery_failures": self.membership.discovery_failures,
+            "discovery_rejected": self.registry.rejected,
             "listen_error": self.listen_error,
             "relayed_pids": self.hub.children() if self.hub is not None else [],
             "peers": stats.peer_rows(peers, expected, self.clock, sources),

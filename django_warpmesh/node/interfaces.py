@@ -54,6 +54,12 @@ class PeerRegistry(Protocol):
 
     description: str
 
+    @property
+    def rejected(self) -> int:
+        """Entries found but not used, each counted once: peer rows with a bad address, bad
+        lines of a peers file, announcements of another mesh or malformed ones
+        (``discovery_rejected`` in the stats)."""
+
     def initial(self) -> Discovered | None:
         """Addresses known without waiting or any I/O (a list of IPs), or None.
 

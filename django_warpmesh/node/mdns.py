@@ -223,6 +223,10 @@ class MdnsRegistry:
         self._reported: set[tuple[str, str]] = set()
         self._browsing_until = 0.0
 
+    @property
+    def rejected(self) -> int:
+        return self.ignored + self.malformed
+
     # -- the PeerRegistry protocol ---------------------------------------------------------
 
     def initial(self) -> Discovered | None:

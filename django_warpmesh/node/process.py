@@ -239,6 +239,11 @@ def _after_fork_in_child() -> None:
         # waits forever for threads that were not forked, and the child never exits.
         with contextlib.suppress(AttributeError):
             atexit.unregister(pynng.nng._pynng_atexit)
+        # Any nng call in this process aborts it ("nng is not fork-reentrant safe"), and a
+        # pynng socket or context calls nng_close when it is collected, closed or not: one of
+        # the parent's, collected here (a reference cycle, at exit), would kill the child.
+        for kind in (pynng.Socket, pynng.Context):
+            kind.__del__ = _forgotten
     # Descriptors of the parent's relays are not ours: a copy held here would keep a sibling
     # (or our own parent) from seeing the other end close.
     inherited = _current.relayed_sockets() if isinstance(_current, MeshNode) else []
@@ -260,6 +265,10 @@ def _after_fork_in_child() -> None:
     _current_lock = threading.Lock()
     for callback in _fork_callbacks:
         callback()
+
+
+def _forgotten(self: object) -> None:
+    """What a pynng object inherited from the parent does when collected: nothing."""
 
 
 _fork_callbacks: list[Callable[[], None]] = []

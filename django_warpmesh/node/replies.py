@@ -123,7 +123,7 @@ class ReplySender:
                     self._tls.dial(sock, url, host)
                 sock.send(data)  # waits (up to the timeout) for the connection
                 sock.recv()  # the acknowledgement: delivered
-        except pynng.NNGException as exc:
-            logger.debug("mesh: a stats reply to %s was not delivered (%s)", url, exc)
+        except Exception as exc:  # pynng raises more than NNGException (RuntimeError, once)
+            logger.debug("mesh: a stats reply to %s was not delivered (%r)", url, exc)
         finally:
             self._in_flight.release()

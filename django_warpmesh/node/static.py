@@ -118,6 +118,7 @@ class StaticRegistry:
         self._answered = False  # a full set was returned once
         self._announced: set[str] = set()
         self._warned: set[tuple[int, str]] = set()
+        self.rejected = 0  # bad lines of the file (each once)
         parts = [f"PEERS ({len(self.listed)})"] if self.listed else []
         if self.file is not None:
             parts.append(f"PEERS_FILE {self.file.path}")
@@ -182,6 +183,7 @@ class StaticRegistry:
         for number, why in file.problems:
             if (number, why) not in self._warned:
                 self._warned.add((number, why))
+                self.rejected += 1
                 where = f"line {number}" if number else "it has"
                 logger.warning("mesh: PEERS_FILE %s %s: %s; skipped", file.path, where, why)
 

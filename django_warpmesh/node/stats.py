@@ -62,6 +62,7 @@ def alone_snapshot(reason: str, *, degraded: bool) -> dict[str, Any]:
         "degraded": degraded,
         "discovery_error": None,
         "discovery_failures": 0,
+        "discovery_rejected": 0,
         "listen_error": None,
         "relayed_pids": [],
         "heartbeat_period": None,
