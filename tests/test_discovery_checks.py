@@ -52,6 +52,13 @@ def test_mdns_without_zeroconf(settings: Any, monkeypatch: pytest.MonkeyPatch) -
     assert "pip install 'django-warpmesh[mdns]'" in str(error.hint)
 
 
+def test_mdns_on_an_interface_this_host_lacks(settings: Any) -> None:
+    (error,) = messages(settings, DISCOVERY="mdns", MDNS_INTERFACES=["lo", "wm-no-such0"])
+    assert error.id == "warpmesh.E008"
+    assert "this host has no network interface 'wm-no-such0'" in error.msg
+    assert messages(settings, DISCOVERY="mdns", MDNS_INTERFACES=["lo", "127.0.0.1"]) == []
+
+
 def test_mdns_interfaces_without_mdns(settings: Any) -> None:
     (warning,) = messages(settings, PEERS=["10.0.0.2:7934"], MDNS_INTERFACES=["eth0"])
     assert warning.id == "warpmesh.W010"

@@ -122,6 +122,8 @@ def check_discovery(config: MeshSettings) -> list[CheckMessage]:
                 hint="pip install 'django-warpmesh[mdns]'",
             )
         )
+    elif mode == "mdns" and config.mdns_interfaces:
+        messages += _check_mdns_interfaces(config.mdns_interfaces)
     if mode != "mdns" and config.mdns_interfaces:
         messages.append(
             Warning(
@@ -133,6 +135,26 @@ def check_discovery(config: MeshSettings) -> list[CheckMessage]:
     if mode == "static" and config.peers_file:
         messages += _check_peers_file(config.peers_file)
     return messages
+
+
+def _check_mdns_interfaces(names: tuple[str, ...]) -> list[CheckMessage]:
+    from django_warpmesh.node import DiscoveryError
+    from django_warpmesh.node.mdns import host_interfaces
+    from django_warpmesh.node.mdns_records import interfaces
+
+    try:
+        interfaces(names, host_interfaces())
+    except DiscoveryError as exc:
+        return [
+            Error(
+                f"{exc}. mDNS discovery would fail on every start (the node then caches "
+                "capped at DEGRADED_TIMEOUT).",
+                id="warpmesh.E008",
+                hint="Name an interface this host has (or its address), or leave "
+                "MDNS_INTERFACES empty for every interface.",
+            )
+        ]
+    return []
 
 
 def _check_peers_file(path: str) -> list[CheckMessage]:

@@ -80,7 +80,7 @@ def open_zeroconf(names: tuple[str, ...]) -> Zeroconf:
     """
     from zeroconf import InterfaceChoice, Zeroconf
 
-    chosen = records.interfaces(names, _adapters()) if names else None
+    chosen = records.interfaces(names, host_interfaces()) if names else None
     try:
         # Its own loop thread, even if the caller's thread runs an event loop.
         return Zeroconf(InterfaceChoice.All if chosen is None else chosen, use_asyncio=False)
@@ -89,7 +89,7 @@ def open_zeroconf(names: tuple[str, ...]) -> Zeroconf:
         raise DiscoveryError(f"mDNS cannot listen on UDP port 5353 ({where}): {exc}") from exc
 
 
-def _adapters() -> dict[str, list[str]]:
+def host_interfaces() -> dict[str, list[str]]:
     """Each network interface of this host and its addresses (ifaddr comes with zeroconf)."""
     import ifaddr
 
