@@ -353,3 +353,11 @@ def test_the_observer_resolves_on_its_own_thread(dns: FakeDNS, tmp_path: Path) -
         "10.0.0.2:7934": "PEERS_FILE",
         "10.0.0.3:7934": "dns:mesh.svc",
     }
+
+
+def test_the_observer_says_why_it_found_nobody(dns: FakeDNS, tmp_path: Path) -> None:
+    reg = registry(dns, ["nowhere.svc:7934"], tmp_path / "missing")
+    with pytest.raises(DiscoveryError) as info:
+        reg.lookup_now(1.0)
+    assert "cannot read PEERS_FILE" in str(info.value)
+    assert "cannot resolve nowhere.svc:7934 (Name or service not known)" in str(info.value)

@@ -139,7 +139,8 @@ class StaticRegistry:
         results = self.resolver.results()
         if not self._answered and any(name not in results for name in names):
             return None  # the first lookups are under way: they call sync_soon when done
-        discovered = self._discovered(entries, results, problems)
+        discovered, unresolved = self._discovered(entries, results)
+        problems += unresolved
         self._announce(discovered, node)
         self._answered = True
         if problems:
@@ -152,9 +153,12 @@ class StaticRegistry:
 
     def lookup_now(self, timeout: float) -> Discovered:
         """Every peer now, resolving on this thread (``manage.py mesh_status``'s observer)."""
-        entries, _ = self._entries()
+        entries, problems = self._entries()
         results = self.resolver.resolve_now(name for name in entries if not is_literal(name[0]))
-        return self._discovered(entries, results, [])
+        discovered, unresolved = self._discovered(entries, results)
+        if not discovered and problems + unresolved:
+            raise DiscoveryError("; ".join(problems + unresolved))
+        return discovered
 
     def leave(self, node: MeshNode) -> None:
         self.resolver.stop()
@@ -188,9 +192,11 @@ class StaticRegistry:
                 logger.warning("mesh: PEERS_FILE %s %s: %s; skipped", file.path, where, why)
 
     def _discovered(
-        self, entries: dict[Name, str], results: dict[Name, Resolution], problems: list[str]
-    ) -> dict[str, str]:
+        self, entries: dict[Name, str], results: dict[Name, Resolution]
+    ) -> tuple[dict[str, str], list[str]]:
+        """Each peer's address and where it was found; the names that failed to resolve."""
         discovered: dict[str, str] = {}
+        problems = []
         for name, source in entries.items():
             if is_literal(name[0]):
                 discovered.setdefault(format_address(*name), source)
@@ -205,7 +211,7 @@ class StaticRegistry:
                     f"cannot resolve {format_address(*name)} ({result.error}); keeping its "
                     f"last {len(result.addresses or ())} address(es)"
                 )
-        return discovered
+        return discovered, problems
 
     def _announce(self, discovered: dict[str, str], node: MeshNode) -> None:
         current = {a for a, source in discovered.items() if source != "PEERS"}
