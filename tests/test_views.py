@@ -295,11 +295,13 @@ def test_an_unreachable_peer_is_shown_as_such(web_node: tuple[str, Cluster], sta
     client = logged_in(staff)
     gone = mesh.procs[1]
     gone.kill()
-    wait_for(
-        lambda: client.get(STATS).json()["peers_connected"] == 1,
-        10,
-        message="the killed peer to be seen as unreachable",
-    )
+
+    def seen_unreachable() -> bool:
+        # The peer is found dead, then the cap set, one after the other in the node's tick.
+        stats = client.get(STATS).json()
+        return bool(stats["peers_connected"] == 1 and stats["degraded"])
+
+    wait_for(seen_unreachable, 10, message="the killed peer to be seen as unreachable")
     stats = client.get(STATS).json()
     assert stats["health"] == "degraded"
     assert stats["degraded"] is True
