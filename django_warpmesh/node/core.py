@@ -332,8 +332,11 @@ class MeshNode:
         """The parent's end of a pair made at a fork: relay that child's mesh."""
         if self.hub is None:
             self.hub = RelayHub(self._relay_publish)
-        self.hub.adopt(sock)
+        # The state first, so that adopt() hands the child this node's, not the hub's initial
+        # "not ready": the child starts from the state at the fork and would stop caching until
+        # the next message (tests/test_fork.py's child, on a busy host).
         self._state_changed()
+        self.hub.adopt(sock)
 
     def relayed_sockets(self) -> list[socket.socket]:
         return self.hub.sockets() if self.hub is not None else []
