@@ -314,7 +314,8 @@ def test_started_while_the_server_is_down_it_connects_once_the_server_starts(
         server.start()
         late = peers(server.url)
         connected(early, late)
-        assert early.events == ["connected"]
+        # The event follows the link's state, from the transport's own thread.
+        wait_for(lambda: early.events == ["connected"], 10, message="the connected event")
         assert early.transport.send(b"now")
         late.wait_frames(b"now")
     finally:
